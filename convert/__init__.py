@@ -1,0 +1,1 @@
+"""Checkpoint conversion: Apple's OpenELM PyTorch safetensors -> MLX model directories."""
