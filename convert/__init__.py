@@ -21,6 +21,7 @@ from mlx_openelm import __version__
 from mlx_openelm.config import ModelArgs
 from mlx_openelm.load import DTYPES, atomic_directory, commit_directory, parse_dtype
 from mlx_openelm.model import Model
+from mlx_openelm.tokenizer_fetch import TokenizerUnavailable, ensure_tokenizer
 
 from .quantize import RECIPES, QuantPlan, check_settings, plan_quantization, quantize_weight, quantized_specs
 from .source import Checkpoint, open_checkpoint
@@ -46,6 +47,22 @@ class ConvertResult:
     nbytes: int
     bits_per_weight: float
     tokenizer_note: str | None
+
+    def summary(self) -> list[str]:
+        """Lines for a user: what was written, what stayed unquantized or was dropped, the tokenizer note."""
+        q = self.quantization
+        kind = f"{self.dtype}, {q['bits']}-bit group {q['group_size']}" if q else self.dtype
+        lines = [
+            f"wrote {self.path} from {self.source} ({kind}, {self.nbytes / 1e9:.2f} GB, "
+            f"{self.bits_per_weight:.2f} bits/weight)"
+        ]
+        if self.unquantized:
+            lines.append(f"left unquantized (width not a multiple of the group size): {', '.join(self.unquantized)}")
+        if self.dropped:
+            lines.append(f"dropped rotary buffers: {', '.join(self.dropped)}")
+        if self.tokenizer_note:
+            lines.append(f"note: {self.tokenizer_note}")
+        return lines
 
 
 def expected_tensors(args: ModelArgs) -> tuple[dict[str, tuple[int, ...]], dict[str, int]]:
@@ -83,12 +100,16 @@ def _output_specs(ckpt: Checkpoint, dtype: mx.Dtype, plan: QuantPlan | None) -> 
     return specs
 
 
-def _add_tokenizer(directory: Path, ckpt: Checkpoint, tokenizer: str | Path | None, target: Path) -> str | None:
-    from mlx_openelm.tokenizer_fetch import TokenizerUnavailable, ensure_tokenizer
-
-    instruct = ckpt.label.rstrip("/").endswith("-Instruct")
+def _add_tokenizer(directory: Path, ckpt: Checkpoint, tokenizer: str | Path | None, rebuild: bool, target: Path):
+    instruct = Path(ckpt.label.rstrip("/")).name.endswith("-Instruct")
     try:
-        ensure_tokenizer(directory, source_dir=ckpt.path, tokenizer=tokenizer, instruct=instruct)
+        ensure_tokenizer(
+            directory,
+            source_dir=ckpt.path,
+            tokenizer=None if tokenizer is None else str(tokenizer),
+            instruct=instruct,
+            allow_rebuild=rebuild,
+        )
     except TokenizerUnavailable as e:
         return f"no tokenizer was written ({e}); add one later with: mlx-openelm tokenizer fetch -o {target}"
     return None
@@ -104,6 +125,7 @@ def convert(
     q_group_size: int = 64,
     q_recipe: str | None = None,
     tokenizer: str | Path | None = None,
+    tokenizer_rebuild: bool = True,
     revision: str | None = None,
     force: bool = False,
     force_float16: bool = False,
@@ -116,8 +138,10 @@ def convert(
     ``dtype`` is the type of the float tensors (bfloat16 by default; float16 is refused for models as wide as
     OpenELM-3B unless ``force_float16``). ``quantize`` (implied by ``q_bits`` or ``q_recipe``) stores linear
     and embedding weights with ``q_bits`` affine quantization in groups of ``q_group_size``, or with a mixed
-    recipe from :data:`RECIPES`. ``tokenizer`` (a ``tokenizer.model`` or a directory) is passed to the
-    tokenizer's ``ensure_tokenizer``. ``progress(done, total)`` is called with source bytes converted.
+    recipe from :data:`RECIPES`. The tokenizer files come from ``ensure_tokenizer`` (the source directory,
+    else ``tokenizer``: a ``tokenizer.model``, a directory or a repo id, else Meta's file rebuilt from public
+    packages if ``tokenizer_rebuild``); when none can be had, the result's ``tokenizer_note`` says how to add
+    it. ``progress(done, total)`` is called with source bytes converted.
     ``allow_bin`` permits a ``pytorch_model.bin`` source, read with ``torch.load(weights_only=True)``.
     Nothing is left behind when a conversion fails; ``output`` is replaced only with ``force``.
     """
@@ -162,7 +186,7 @@ def convert(
             if progress is not None:
                 progress(done, total)
         writer.close()
-        note = _add_tokenizer(tmp, ckpt, tokenizer, target)
+        note = _add_tokenizer(tmp, ckpt, tokenizer, tokenizer_rebuild, target)
         config = {k: v for k, v in ckpt.config.items() if k != "_name_or_path"}
         config.update(torch_dtype=dtype_name, mlx_openelm_version=__version__, converted_from=ckpt.label)
         if plan is not None:

@@ -91,7 +91,7 @@ def plan_quantization(
             continue
         b = recipe_bits(path, n_layers, *RECIPES[recipe]) if recipe else bits
         params[path] = {"group_size": group_size, "bits": b, "mode": MODE}
-    return QuantPlan(group_size, bits, params, skipped)
+    return QuantPlan(group_size, bits, params, sorted(skipped))
 
 
 def quantized_specs(path: str, shape: tuple[int, ...], p: dict, dtype: mx.Dtype) -> list[TensorSpec]:

@@ -163,9 +163,9 @@ def resolve(source: str | Path, revision: str | None = None, allow_bin: bool = F
         raise PermissionError(f"{source} is gated: accept its licence on huggingface.co and set HF_TOKEN") from None
     except hub.RepositoryNotFoundError:
         raise FileNotFoundError(f"{source}: no such repo on the Hugging Face hub (private? set HF_TOKEN)") from None
-    except hub.LocalEntryNotFoundError:
+    except (hub.LocalEntryNotFoundError, hub.IncompleteSnapshotError):
         raise FileNotFoundError(
-            f"{source} is not in the Hugging Face cache ({constants.HF_HUB_CACHE}) and the hub cannot be reached"
+            f"{source} is not (fully) in the Hugging Face cache ({constants.HF_HUB_CACHE}) and the hub is unreachable"
         ) from None
 
 
