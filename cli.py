@@ -57,6 +57,64 @@ def convert_command(
         typer.echo(line)
 
 
+@app.command("bench")
+def bench_command(
+    model: Annotated[Path | None, typer.Option(help="A converted model folder (default: random weights).")] = None,
+    preset: Annotated[str | None, typer.Option(help="Random-weight size (default OpenELM-270M).")] = None,
+    dtype: Annotated[str | None, typer.Option(help="bfloat16 (random default), float16 or float32.")] = None,
+    q_bits: Annotated[int | None, typer.Option("-q", "--q-bits", help="Quantize in memory: 2-6 or 8 bits.")] = None,
+    prompt_tokens: Annotated[int, typer.Option(help="Prompt length (random token ids).")] = 128,
+    gen_tokens: Annotated[int, typer.Option(help="Tokens generated per trial (greedy).")] = 128,
+    trials: Annotated[int, typer.Option(help="Timed trials after one warm-up.")] = 3,
+    json_path: Annotated[Path | None, typer.Option("--json", help="Write every figure to this JSON file.")] = None,
+    sweep: Annotated[bool, typer.Option(help="Each size x (bfloat16, 8-bit, 4-bit): Markdown, JSON, PNG.")] = False,
+    sizes: Annotated[str | None, typer.Option(help="Sweep sizes, e.g. 270M,450M (default: what fits).")] = None,
+    out: Annotated[Path, typer.Option(help="Sweep output prefix: PREFIX.md, .json, .png.")] = Path("openelm-sweep"),
+) -> None:
+    """Tokens/s, time to first token, peak memory and the bandwidth roofline reached (warm-up + trials)."""
+    from rich.console import Console
+    from rich.progress import Progress
+    from rich.table import Table
+
+    from mlx_openelm import bench as b
+    from mlx_openelm import sweep as s
+
+    b.check_counts(prompt_tokens, gen_tokens, trials)
+    if model and preset:
+        fail("give --model or --preset, not both")
+    if sweep and (model or preset or q_bits or json_path):
+        fail("--sweep benchmarks random weights at every precision into --out: drop --model, --preset, -q, --json")
+    size_list = s.parse_sizes(sizes) if sizes else None
+    paths = s.sweep_paths(out) if sweep else [b.check_output(json_path)] if json_path else []
+    counts = dict(prompt_tokens=prompt_tokens, gen_tokens=gen_tokens, trials=trials)
+    with Progress(console=Console(stderr=True), transient=True, disable=not sys.stderr.isatty()) as bar:
+        task = bar.add_task("loading", total=None)
+
+        def progress(desc: str, done: int, total: int) -> None:
+            bar.update(task, description=desc, completed=done, total=total)
+
+        if sweep:
+            results = s.sweep(size_list, dtype=dtype or "bfloat16", progress=progress, **counts)
+        else:
+            net, label = b.prepare_model(preset or "OpenELM-270M", model, dtype, q_bits)
+            results = [b.bench(net, label, q_bits=q_bits, q_group_size=64 if q_bits else None, progress=progress,
+                               **counts)]
+    if sweep:
+        s.write_sweep(results, out)
+        typer.echo(s.sweep_markdown(results))
+    else:
+        headers, rows = b.result_table(results[0])
+        table = Table(*headers)
+        for row in rows:
+            table.add_row(*row)
+        Console().print(table)
+        typer.echo("\n".join(b.summary_lines(results[0])))
+        if json_path:
+            b.write_json(json_path, results[0].to_dict())
+    for p in paths:
+        typer.echo(f"wrote {p}")
+
+
 def main() -> None:
     """Console-script entry point: user errors become one line and a non-zero exit."""
     try:

@@ -1,0 +1,133 @@
+"""The machine a benchmark runs on: chip, backend, memory, and memory bandwidth (published or measured)."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import re
+import subprocess
+import time
+from typing import Any
+
+import mlx.core as mx
+
+# Published unified-memory bandwidths (GB/s), OPENELM.md §8. A tuple is (fewer GPU cores, more GPU cores):
+# the binned Max chips differ in bandwidth, and the GPU core count tells them apart.
+APPLE_BANDWIDTH_GBPS: dict[str, float | tuple[float, float]] = {
+    "M1": 68, "M1 Pro": 200, "M1 Max": 400, "M1 Ultra": 800,
+    "M2": 100, "M2 Pro": 200, "M2 Max": 400, "M2 Ultra": 800,
+    "M3": 100, "M3 Pro": 150, "M3 Max": (300, 400),
+    "M4": 120, "M4 Pro": 273, "M4 Max": (410, 546),
+}
+# The GPU core count above which a binned Max chip is the full (faster) one.
+_FULL_MAX_GPU_CORES = {"M3 Max": 40, "M4 Max": 40}
+
+
+def _run(cmd: list[str]) -> str:
+    try:
+        return subprocess.run(cmd, capture_output=True, text=True, timeout=20, check=False).stdout
+    except (OSError, subprocess.SubprocessError):
+        return ""
+
+
+def _apple_gpu_cores() -> int | None:
+    out = _run(["system_profiler", "SPDisplaysDataType", "-json"])
+    try:
+        cores = [d.get("sppci_cores") for d in json.loads(out).get("SPDisplaysDataType", [])]
+    except (ValueError, AttributeError):
+        return None
+    return next((int(c) for c in cores if str(c).isdigit()), None)
+
+
+def _linux_cpu_model() -> str | None:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return None
+
+
+def _memory_bytes(info: dict[str, Any]) -> int | None:
+    if "memory_size" in info:
+        return int(info["memory_size"])
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def backend() -> str:
+    """The MLX backend that runs the default device: ``"metal"``, ``"cuda"`` or ``"cpu"``."""
+    if mx.default_device().type == mx.DeviceType.cpu:
+        return "cpu"
+    return "metal" if mx.metal.is_available() else "cuda"
+
+
+def device_info() -> dict[str, Any]:
+    """Chip name (and GPU cores on macOS), CPU model on Linux, memory, OS, MLX version and backend."""
+    info = mx.device_info()
+    out: dict[str, Any] = {
+        "backend": backend(),
+        "device_name": info.get("device_name"),
+        "mlx_version": mx.__version__,
+        "os": f"{platform.system()} {platform.release()}",
+        "architecture": platform.machine(),
+        "cpu_count": os.cpu_count(),
+        "memory_bytes": _memory_bytes(info),
+        "chip": None,
+        "gpu_cores": None,
+        "cpu_model": None,
+    }
+    if platform.system() == "Darwin":
+        out["chip"] = _run(["sysctl", "-n", "machdep.cpu.brand_string"]).strip() or info.get("device_name")
+        out["gpu_cores"] = _apple_gpu_cores()
+    else:
+        out["cpu_model"] = _linux_cpu_model()
+    return out
+
+
+def known_bandwidth(chip: str | None, gpu_cores: int | None = None) -> float | None:
+    """Published bandwidth (GB/s) of an Apple M-series chip name such as ``"Apple M2 Max"``; None if unknown.
+
+    A binned chip (M3 Max, M4 Max) needs ``gpu_cores`` to tell its two bandwidths apart.
+    """
+    m = re.search(r"\b(M[1-4])(?:\s+(Pro|Max|Ultra))?\b", chip or "")
+    if not m:
+        return None
+    name = " ".join(p for p in m.groups() if p)
+    value = APPLE_BANDWIDTH_GBPS[name]
+    if isinstance(value, tuple):
+        if gpu_cores is None:
+            return None
+        return value[1] if gpu_cores >= _FULL_MAX_GPU_CORES[name] else value[0]
+    return float(value)
+
+
+def measure_bandwidth(nbytes: int = 256 * 2**20, reps: int = 5) -> float:
+    """Streaming-read bandwidth (GB/s) through MLX: the best of ``reps`` sums over an ``nbytes`` float32 array."""
+    if nbytes < 4 or reps < 1:
+        raise ValueError(f"need nbytes >= 4 and reps >= 1, got {nbytes} and {reps}")
+    x = mx.random.uniform(shape=(nbytes // 4,))
+    mx.eval(x)
+    mx.eval(x.sum())  # first call: kernel setup, not timed
+    best = float("inf")
+    for _ in range(reps):
+        tic = time.perf_counter()
+        mx.eval(x.sum())
+        best = min(best, time.perf_counter() - tic)
+    del x
+    mx.clear_cache()
+    return (nbytes // 4 * 4) / 1e9 / best  # GB as 10^9 bytes, the unit bandwidths are published in
+
+
+def memory_bandwidth(info: dict[str, Any] | None = None) -> tuple[float, str]:
+    """``(GB/s, source)``: the published figure for a known Apple chip (``"table"``), else measured (``"measured"``)."""
+    info = info if info is not None else device_info()
+    known = known_bandwidth(info.get("chip") or info.get("device_name"), info.get("gpu_cores"))
+    if known is not None and info.get("backend") == "metal":
+        return known, "table"
+    return measure_bandwidth(), "measured"

@@ -1,0 +1,150 @@
+"""The paper-style table: each model size x (unquantized, 8-bit, 4-bit), as Markdown, JSON and a PNG chart."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import mlx.core as mx
+
+from .bench import (
+    SWEEP_PRECISIONS,
+    BenchResult,
+    Progress,
+    bench,
+    check_counts,
+    check_output,
+    parameter_count,
+    prepare_model,
+    write_atomic,
+    write_json,
+)
+from .chart import bar_chart_png
+from .config import PRESETS, ModelArgs, preset
+from .device import device_info, memory_bandwidth
+
+
+def parse_sizes(text: str) -> list[str]:
+    """``"270M,1_1B"`` (short or full preset names, comma-separated) -> preset names."""
+    by_short = {p.removeprefix("OpenELM-").lower(): p for p in PRESETS}
+    by_short["1.1b"] = "OpenELM-1_1B"
+    sizes = []
+    for item in filter(None, (s.strip() for s in text.split(","))):
+        name = by_short.get(item.lower().removeprefix("openelm-"))
+        if name is None:
+            raise ValueError(f"unknown size {item!r} in --sizes; choose from {', '.join(by_short)}")
+        sizes.append(name)
+    if not sizes:
+        raise ValueError("--sizes is empty: give sizes such as 270M,450M")
+    return sizes
+
+
+def default_sizes(
+    memory_bytes: int | None, bandwidth_gbps: float, prompt_tokens: int, gen_tokens: int, trials: int,
+    budget_s: float = 900.0,
+) -> list[str]:
+    """The sizes whose bfloat16 weights use at most half the memory and whose three precisions are estimated
+    (every token read at ``bandwidth_gbps``) to finish within ``budget_s``; the smallest size at least."""
+    fits = []
+    for name in PRESETS:
+        nbytes = 2 * parameter_count(preset(name))
+        seconds = len(SWEEP_PRECISIONS) * (trials + 1) * (prompt_tokens + gen_tokens) * nbytes / (bandwidth_gbps * 1e9)
+        if (memory_bytes is None or 2 * nbytes <= memory_bytes) and seconds <= budget_s:
+            fits.append(name)
+    return fits or [PRESETS[0]]
+
+
+def precision_label(result: BenchResult) -> str:
+    """``"bfloat16"``, or ``"4-bit"`` for a quantized run."""
+    return f"{result.q_bits}-bit" if result.q_bits else result.dtype
+
+
+def sweep(
+    sizes: list[str | ModelArgs] | None = None,
+    *,
+    dtype: str = "bfloat16",
+    precisions: tuple[int | None, ...] = SWEEP_PRECISIONS,
+    prompt_tokens: int = 128,
+    gen_tokens: int = 128,
+    trials: int = 3,
+    q_group_size: int = 64,
+    seed: int = 0,
+    progress: Progress | None = None,
+) -> list[BenchResult]:
+    """Benchmark random weights of each size at each precision (``None`` = ``dtype`` unquantized).
+
+    ``sizes`` defaults to :func:`default_sizes` for this machine.
+    """
+    check_counts(prompt_tokens, gen_tokens, trials)
+    device = device_info()
+    bandwidth = memory_bandwidth(device)
+    if sizes is None:
+        sizes = default_sizes(device["memory_bytes"], bandwidth[0], prompt_tokens, gen_tokens, trials)
+    results = []
+    for size in sizes:
+        for bits in precisions:
+            model, label = prepare_model(size, None, dtype, bits, q_group_size, seed)
+            tag = f"{label} {f'{bits}-bit' if bits else dtype}"
+            results.append(bench(
+                model, label, prompt_tokens=prompt_tokens, gen_tokens=gen_tokens, trials=trials, seed=seed,
+                q_bits=bits, q_group_size=q_group_size, device=device, bandwidth=bandwidth,
+                progress=progress and (lambda desc, done, total, tag=tag: progress(f"{tag}: {desc}", done, total)),
+            ))
+            del model
+            mx.clear_cache()
+    return results
+
+
+def sweep_markdown(results: list[BenchResult]) -> str:
+    """A Markdown table (median of the trials) with the device and settings above it."""
+    r0 = results[0]
+    d = r0.device
+    lines = [
+        f"Device: {d.get('chip') or d.get('cpu_model') or d.get('device_name')}, MLX {d['mlx_version']} "
+        f"({d['backend']}); bandwidth {r0.bandwidth_gbps:.1f} GB/s ({r0.bandwidth_source}). "
+        f"{r0.prompt_tokens} prompt + {r0.gen_tokens} generated tokens, median of {len(r0.trials)} trials "
+        "after a warm-up; random weights, greedy.",
+        "",
+        "| model | precision | params (M) | weights (GB) | prompt tok/s | generation tok/s | TTFT (s) "
+        "| peak memory (GB) | roofline |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in results:
+        lines.append(
+            f"| {r.model} | {precision_label(r)} | {r.parameters / 1e6:.1f} | {r.model_bytes / 1e9:.3f} "
+            f"| {r.median('prompt_tps'):.2f} | {r.median('generation_tps'):.2f} | {r.median('ttft_s'):.3f} "
+            f"| {r.median('peak_memory_bytes') / 1e9:.3f} | {100 * r.roofline_fraction:.1f}% |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def sweep_chart(results: list[BenchResult]) -> bytes:
+    """PNG: prompt and generation tokens/s by size, one bar series per precision."""
+    groups = list(dict.fromkeys(r.model.removeprefix("OpenELM-") for r in results))
+    series = list(dict.fromkeys(precision_label(r) for r in results))
+    found = {(r.model.removeprefix("OpenELM-"), precision_label(r)): r for r in results}
+
+    def values(field: str) -> list[list[float]]:
+        return [[found[g, s].median(field) if (g, s) in found else float("nan") for g in groups] for s in series]
+
+    d = results[0].device
+    caption = f"{d.get('chip') or d.get('cpu_model') or d.get('device_name')} - MLX {d['mlx_version']} {d['backend']}"
+    return bar_chart_png(
+        [("prompt tok/s", groups, series, values("prompt_tps")),
+         ("generation tok/s", groups, series, values("generation_tps"))],
+        caption,
+    )
+
+
+def sweep_paths(prefix: str | Path) -> list[Path]:
+    """``PREFIX.md``, ``PREFIX.json``, ``PREFIX.png``, checked writable (call it before a long sweep)."""
+    prefix = Path(prefix)
+    return [check_output(prefix.with_name(prefix.name + ext)) for ext in (".md", ".json", ".png")]
+
+
+def write_sweep(results: list[BenchResult], prefix: str | Path) -> list[Path]:
+    """Write the Markdown table, the JSON of every run and the PNG chart atomically; returns their paths."""
+    md, js, png = sweep_paths(prefix)
+    write_atomic(md, sweep_markdown(results))
+    write_json(js, {"results": [r.to_dict() for r in results]})
+    write_atomic(png, sweep_chart(results))
+    return [md, js, png]

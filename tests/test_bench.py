@@ -1,0 +1,188 @@
+import json
+import os
+import struct
+import subprocess
+import sys
+import zlib
+from pathlib import Path
+
+import mlx.core as mx
+import pytest
+from mlx.utils import tree_flatten
+from mlx_lm.generate import generate_step as mlx_lm_generate_step
+from tiny import TINY_CONFIG, tiny_args
+
+from mlx_openelm import preset, random_model, save
+from mlx_openelm.bench import (
+    bench,
+    check_counts,
+    decode_bytes_per_token,
+    kv_bytes_per_token,
+    model_bytes,
+    parameter_count,
+    prepare_model,
+    time_generation,
+    write_json,
+)
+from mlx_openelm.chart import Canvas, nice_max
+from mlx_openelm.config import PRESETS
+from mlx_openelm.device import known_bandwidth, measure_bandwidth, memory_bandwidth
+from mlx_openelm.sweep import default_sizes, parse_sizes, sweep, sweep_markdown, write_sweep
+
+CLI = [sys.executable, "-c", "import cli; cli.main()", "bench"]
+REPO = Path(__file__).resolve().parents[1]
+FAST = {"prompt_tokens": 8, "gen_tokens": 6, "trials": 2}
+
+
+@pytest.fixture(scope="module")
+def tiny_result():
+    model, label = prepare_model(tiny_args(), dtype="float32")
+    return model, bench(model, label, **FAST)
+
+
+def test_bench_measures_trials_and_bytes(tiny_result):
+    model, r = tiny_result
+    assert len(r.trials) == FAST["trials"]
+    # The warm-up really ran, with the trials' shapes; greedy decoding of one prompt repeats itself.
+    assert len(r.warmup.tokens) == FAST["gen_tokens"]
+    assert all(t.tokens == r.warmup.tokens for t in r.trials)
+    for t in [r.warmup, *r.trials]:
+        assert t.prompt_tps > 0 and t.generation_tps > 0 and 0 < t.ttft_s < t.total_s
+        assert t.peak_memory_bytes >= r.model_bytes  # the weights are resident during generation
+    # float32 weights: 4 bytes per parameter, the parameter count computed from the config alone.
+    n_params = sum(v.size for _, v in tree_flatten(model.parameters()))
+    assert r.model_bytes == 4 * parameter_count(model.args) == 4 * n_params
+    kv = sum(2 * n * TINY_CONFIG["head_dim"] * 4 for n in TINY_CONFIG["num_kv_heads"])
+    assert r.kv_bytes_per_token == kv
+    row = 4 * TINY_CONFIG["model_dim"]
+    context = FAST["prompt_tokens"] + FAST["gen_tokens"] // 2
+    assert r.bytes_per_token == r.model_bytes + row + kv * context
+    reached = r.bytes_per_token * r.median("generation_tps") / (r.bandwidth_gbps * 1e9)
+    assert r.roofline_fraction == pytest.approx(reached)
+
+
+def test_json_has_every_field(tiny_result, tmp_path):
+    _, r = tiny_result
+    data = json.loads(write_json(tmp_path / "b.json", r.to_dict()).read_text())
+    per_trial = {"prompt_tps", "generation_tps", "ttft_s", "peak_memory_bytes"}
+    assert per_trial <= set(data["median"]) and all(per_trial <= set(t) for t in data["trials"])
+    for key in ("model_bytes", "bytes_per_token", "bandwidth_gbps", "bandwidth_source", "roofline_fraction",
+                "warmup", "prompt_tokens", "gen_tokens", "dtype", "q_bits", "generator"):
+        assert key in data
+    assert {"backend", "mlx_version", "device_name", "chip", "gpu_cores", "cpu_model"} <= set(data["device"])
+    assert data["median"]["generation_tps"] == pytest.approx(r.median("generation_tps"))
+    assert not list(tmp_path.glob(".*tmp"))  # the atomic write left no temporary file
+
+
+def test_project_generator_matches_mlx_lm_greedy(tiny_result):
+    model, r = tiny_result
+    prompt = mx.random.randint(0, model.args.vocab_size, (FAST["prompt_tokens"],), key=mx.random.key(0))
+    theirs = time_generation(model, prompt, FAST["gen_tokens"], mlx_lm_generate_step)
+    assert theirs.tokens == r.trials[0].tokens
+
+
+def test_quantized_in_memory():
+    dense = model_bytes(random_model(tiny_args(), "float32"))
+    model, _ = prepare_model(tiny_args(), dtype="float32", q_bits=4, q_group_size=32)
+    # 4-bit weights + a float32 scale and bias per 32 weights: 6 bits per weight instead of 32.
+    assert model_bytes(model) < dense * 0.25
+    assert decode_bytes_per_token(model, 0) > model_bytes(model)
+    r = bench(model, "q4", q_bits=4, q_group_size=32, prompt_tokens=4, gen_tokens=3, trials=1)
+    assert r.q_bits == 4 and r.to_dict()["q_group_size"] == 32
+
+
+def test_kv_bytes_follow_dtype():
+    assert kv_bytes_per_token(random_model(tiny_args(), "bfloat16")) * 2 == kv_bytes_per_token(
+        random_model(tiny_args(), "float32"))
+
+
+def test_parameter_count_matches_published_270m():
+    assert parameter_count(preset("OpenELM-270M")) / 1e6 == pytest.approx(271.5, abs=0.05)
+
+
+@pytest.mark.parametrize(
+    "call",
+    [lambda: check_counts(0, 8, 1), lambda: check_counts(8, 1, 1), lambda: check_counts(8, 8, 0),
+     lambda: prepare_model("OpenELM-9B"), lambda: prepare_model(tiny_args(), q_bits=7),
+     lambda: measure_bandwidth(nbytes=0)],
+)
+def test_bad_arguments_raise(call):
+    with pytest.raises(ValueError):
+        call()
+
+
+def test_bandwidth_table_and_measurement():
+    assert known_bandwidth("Apple M2 Max") == 400 and known_bandwidth("Apple M1") == 68
+    assert known_bandwidth("Apple M3 Pro") == 150 and known_bandwidth("Apple M4 Pro") == 273
+    assert known_bandwidth("Apple M3 Max", gpu_cores=30) == 300 and known_bandwidth("Apple M3 Max", 40) == 400
+    assert known_bandwidth("Apple M4 Max") is None  # binned chip without its GPU core count: measure instead
+    assert known_bandwidth("Intel(R) Xeon(R) Processor") is None
+    assert memory_bandwidth({"backend": "metal", "chip": "Apple M2 Ultra"}) == (800, "table")
+    gbps, source = memory_bandwidth({"backend": "cpu", "chip": None, "device_name": "x86_64"})
+    assert source == "measured" and gbps > 0
+    assert measure_bandwidth(nbytes=8 * 2**20, reps=2) > 0
+
+
+def test_sweep_writes_markdown_json_png(tmp_path):
+    results = sweep([tiny_args()], dtype="float32", q_group_size=32, prompt_tokens=4, gen_tokens=3, trials=1)
+    assert [r.q_bits for r in results] == [None, 8, 4]
+    assert results[0].model_bytes > results[1].model_bytes > results[2].model_bytes
+    md, js, png = write_sweep(results, tmp_path / "sweep")
+    rows = [line for line in md.read_text().splitlines() if line.startswith("| 3L-64d")]
+    assert [row.split("|")[2].strip() for row in rows] == ["float32", "8-bit", "4-bit"]
+    assert md.read_text() == sweep_markdown(results)
+    assert len(json.loads(js.read_text())["results"]) == 3
+    data = png.read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n"
+    width, height = struct.unpack(">II", data[16:24])
+    idat = data.index(b"IDAT")
+    (length,) = struct.unpack(">I", data[idat - 4 : idat])
+    pixels = zlib.decompress(data[idat + 4 : idat + 4 + length])
+    assert len(pixels) == height * (3 * width + 1)
+    assert bytes((31, 119, 180)) in pixels and bytes((44, 160, 44)) in pixels  # first and third series drawn
+
+
+def test_sizes():
+    assert parse_sizes("270M, 1.1b,OpenELM-3B") == ["OpenELM-270M", "OpenELM-1_1B", "OpenELM-3B"]
+    for bad in ("9B", " , "):
+        with pytest.raises(ValueError):
+            parse_sizes(bad)
+    assert default_sizes(2**40, 1e6, 128, 128, 3) == list(PRESETS)
+    assert default_sizes(2**20, 1e6, 128, 128, 3) == [PRESETS[0]]  # nothing fits: the smallest anyway
+    slow = default_sizes(2**40, 3.0, 128, 128, 3)
+    assert slow == list(PRESETS[: len(slow)]) and len(slow) < len(PRESETS)
+
+
+def test_chart_primitives():
+    assert [nice_max(v) for v in (0, 3, 10, 11, 420)] == [1.0, 5, 10, 20, 500]
+    cv = Canvas(20, 10)
+    cv.rect(18, 8, 5, 5, (1, 2, 3))  # clipped at the edges
+    assert cv.px.count(bytes((1, 2, 3))) == 4
+
+
+def _cli(*args):
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    return subprocess.run([*CLI, *args], capture_output=True, text=True, cwd=REPO, env=env, timeout=120)
+
+
+def test_cli_runs_a_converted_folder(tmp_path):
+    folder = save(random_model(tiny_args(), "float32"), tmp_path / "tiny")
+    out = tmp_path / "r.json"
+    p = _cli("--model", str(folder), "--prompt-tokens", "8", "--gen-tokens", "4", "--trials", "1", "--json", str(out))
+    assert p.returncode == 0, p.stderr
+    assert "median" in p.stdout and "roofline" in p.stdout
+    data = json.loads(out.read_text())
+    assert data["model"] == "tiny" and len(data["trials"]) == 1 and data["gen_tokens"] == 4
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [(["--preset", "OpenELM-9B"], "unknown preset"), (["--trials", "0"], "--trials"),
+     (["--gen-tokens", "1"], "--gen-tokens"), (["--json", "/nonexistent-dir/b.json"], "does not exist"),
+     (["--json", "/"], "is a directory")],
+)
+def test_cli_bad_input_is_one_line(args, message):
+    p = _cli(*args)
+    assert p.returncode == 1
+    lines = p.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error:") and message in lines[0]
