@@ -1,0 +1,330 @@
+"""Chat sessions: a conversation whose KV cache is kept across turns, so each turn prefills only its new tokens.
+
+The session never prints: ``reply`` yields text pieces and :class:`Notice` events, and leaves the turn's figures
+in ``last_turn``; the terminal front-end (``chat_terminal.py``) decides what the user sees.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import mlx.core as mx
+from mlx_lm.generate import generate_step
+
+from .cache import make_cache
+
+ROLES = ("system", "user", "assistant")
+FILE_FORMAT = "mlx-openelm-chat"
+COMMANDS = {  # name -> (argument, help)
+    "help": ("", "show this help"),
+    "reset": ("", "start a new conversation (the system prompt stays)"),
+    "system": ("TEXT", "set the system prompt (no TEXT: remove it)"),
+    "save": ("FILE", "save the conversation as JSON"),
+    "load": ("FILE", "load a conversation saved with /save"),
+    "quit": ("", "leave the chat (also Ctrl-D)"),
+}
+
+
+@dataclass(frozen=True)
+class Notice:
+    """Something about the conversation the user should see (not part of the reply)."""
+
+    text: str
+
+
+@dataclass(frozen=True)
+class TurnStats:
+    """Figures of one turn: ``prefilled`` of the ``prompt_tokens`` went through the model, the rest came from cache."""
+
+    prompt_tokens: int
+    prefilled: int
+    prompt_tps: float
+    generation_tokens: int
+    generation_tps: float
+    finish_reason: str  # "stop" (end of sequence), "length" (max tokens or context full), "interrupted"
+    peak_memory: float  # GB
+
+    @property
+    def reused(self) -> int:
+        """Prompt tokens served from the KV cache kept since the previous turn."""
+        return self.prompt_tokens - self.prefilled
+
+
+class ChatSession:
+    """A conversation (``messages``) with a KV cache kept across turns.
+
+    The cache holds ``tokens``; a new turn encodes the whole conversation, keeps the common prefix, trims the cache
+    past it and prefills only the rest. When the conversation would leave less than ``min(max_tokens,
+    max_context // 2)`` tokens for the reply, the oldest turns (never the system prompt) are dropped.
+    """
+
+    def __init__(
+        self,
+        model: Any,
+        tokenizer: Any,
+        system: str | None = None,
+        max_context: int | None = None,
+        prefill_step_size: int = 512,
+    ) -> None:
+        self.model, self.tokenizer = model, tokenizer
+        self.max_context = max_context or model.args.max_context_length
+        self.prefill_step_size = prefill_step_size
+        self.messages: list[dict[str, str]] = [{"role": "system", "content": system}] if system else []
+        self.last_turn: TurnStats | None = None
+        self._clear_cache()
+
+    @property
+    def tokens(self) -> list[int]:
+        """The token ids the KV cache holds (the conversation so far, as the model saw it)."""
+        return self._ids[: self._cached]
+
+    @property
+    def system(self) -> str | None:
+        """The system prompt, if any."""
+        return self.messages[0]["content"] if self.messages and self.messages[0]["role"] == "system" else None
+
+    def reset(self) -> None:
+        """Start a new conversation; the system prompt stays (and its cached tokens are reused)."""
+        self.messages = self.messages[:1] if self.system is not None else []
+
+    def set_system(self, text: str | None) -> None:
+        """Replace the system prompt (``None`` or empty removes it); the next turn re-prefills what changed."""
+        rest = self.messages[1:] if self.system is not None else self.messages
+        self.messages = ([{"role": "system", "content": text}] if text else []) + rest
+
+    def reply(
+        self,
+        text: str,
+        *,
+        max_tokens: int = 256,
+        sampler: Callable[[mx.array], mx.array] | None = None,
+        logits_processors: list[Callable] | None = None,
+    ) -> Iterator[str | Notice]:
+        """Add a user message and stream the reply: yields text pieces and :class:`Notice` events.
+
+        Closing the iterator early (e.g. on Ctrl-C) keeps what was generated in the conversation. The turn's
+        figures are left in ``last_turn``. Raises ``ValueError`` when the message alone does not fit the context.
+        """
+        if max_tokens < 1:
+            raise ValueError(f"max_tokens must be at least 1, got {max_tokens}")
+        messages = [*self.messages, {"role": "user", "content": text}]
+        prompt, ids = self._encode(messages)
+        reserve, dropped = min(max_tokens, self.max_context // 2), 0
+        while self.max_context - len(ids) < reserve and _drop_oldest_turn(messages):
+            dropped += 1
+            prompt, ids = self._encode(messages)
+        room = self.max_context - len(ids)
+        if room < 1:
+            raise ValueError(
+                f"the message does not fit: {len(ids)} tokens with the system prompt, the context holds "
+                f"{self.max_context}; shorten it"
+            )
+        # Reuse the cached prefix; at least one token must go through the model to get the next-token logits.
+        common = min(_common_prefix(ids, self._ids), self._cached, len(ids) - 1)
+        self._trim(common)
+        eos, detokenizer = self.tokenizer.eos_id, self.tokenizer.detokenizer()
+        generated: list[int] = []
+        pieces: list[str] = []
+        reason, flushed, first, end = "interrupted", False, None, None
+        mx.reset_peak_memory()
+        tic = time.perf_counter()
+        steps = generate_step(
+            mx.array(ids[common:]),
+            self.model,
+            max_tokens=min(max_tokens, room),
+            sampler=sampler,
+            logits_processors=logits_processors,
+            prefill_step_size=self.prefill_step_size,
+            prompt_cache=self.cache,
+        )
+        try:
+            if dropped:
+                yield Notice(f"context full: dropped the oldest {dropped} turn(s); the system prompt is kept")
+            for token, _ in steps:
+                end = time.perf_counter()
+                first = first or end
+                if token == eos:
+                    reason = "stop"
+                    break
+                generated.append(token)
+                if piece := detokenizer.add(token):
+                    pieces.append(piece)
+                    yield piece
+            else:
+                reason = "length"
+            flushed = True
+            if tail := detokenizer.flush():
+                pieces.append(tail)
+                yield tail
+        finally:
+            # Runs on every exit (end, close() on Ctrl-C, exception): the reply so far joins the conversation.
+            steps.close()
+            if not flushed:
+                pieces.append(detokenizer.flush())
+            reply = "".join(pieces)
+            self._settle(ids + generated, prompt + reply)
+            self.messages = [*messages, {"role": "assistant", "content": reply}]
+            n = len(generated) + (reason == "stop")
+            self.last_turn = TurnStats(
+                prompt_tokens=len(ids),
+                prefilled=len(ids) - common,
+                prompt_tps=(len(ids) - common) / (first - tic) if first else 0.0,
+                generation_tokens=n,
+                generation_tps=(n - 1) / (end - first) if n > 1 and end > first else 0.0,
+                finish_reason=reason,
+                peak_memory=mx.get_peak_memory() / 1e9,
+            )
+
+    def save(self, path: str | Path) -> Path:
+        """Write the conversation as JSON (atomically: a temporary file beside ``path``, then a rename)."""
+        path = Path(path).expanduser()
+        record = {"format": FILE_FORMAT, "version": 1, "messages": self.messages}
+        try:
+            fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        except OSError as e:
+            raise OSError(f"cannot write {path}: {e.strerror}") from None
+        try:
+            with os.fdopen(fd, "w", encoding="utf-8") as f:
+                json.dump(record, f, ensure_ascii=False, indent=2)
+                f.write("\n")
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+        return path
+
+    def load(self, path: str | Path) -> None:
+        """Replace the conversation by one saved with :meth:`save`; the next turn rebuilds the cache from it."""
+        self.messages = read_conversation(path)
+
+    def command(self, name: str, arg: str = "") -> str:
+        """Run a slash command (from :func:`parse_command`) other than ``quit``; returns the line to show."""
+        if name == "help":
+            return help_text()
+        if name == "reset":
+            self.reset()
+            return "new conversation"
+        if name == "system":
+            self.set_system(arg or None)
+            return "system prompt set" if arg else "system prompt removed"
+        if name == "save":
+            return f"saved {len(self.messages)} messages to {self.save(arg)}"
+        if name == "load":
+            self.load(arg)
+            return f"loaded {len(self.messages)} messages from {arg}"
+        raise ValueError(f"unknown command /{name}: type /help for the list")
+
+    def _encode(self, messages: list[dict[str, str]]) -> tuple[str, list[int]]:
+        # The conversation's ids: the cached ids (generated tokens as sampled) + the new text's tokens, when the
+        # new rendering extends the text the cache stands for; otherwise a fresh encoding of the whole text.
+        text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True)
+        full = self.tokenizer.encode(text)
+        if self._text and text.startswith(self._text):
+            known = self.tokenizer.encode(self._text)
+            if full[: len(known)] == known:
+                return text, self._ids + full[len(known) :]
+        return text, full
+
+    def _trim(self, n: int) -> None:
+        for c in self.cache:
+            if c.offset > n:
+                c.trim(c.offset - n)
+
+    def _settle(self, ids: list[int], text: str) -> None:
+        # Record what the cache now holds. Layers disagree only if a forced interrupt hit mid-forward: rebuild then.
+        offsets = {c.offset for c in self.cache}
+        if len(offsets) != 1:
+            self._clear_cache()
+            return
+        self._cached = min(offsets.pop(), len(ids))
+        self._trim(self._cached)
+        self._ids, self._text = ids, text
+
+    def _clear_cache(self) -> None:
+        self.cache = make_cache(self.model)
+        self._ids: list[int] = []
+        self._text = ""
+        self._cached = 0
+
+
+def _common_prefix(a: list[int], b: list[int]) -> int:
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
+def _drop_oldest_turn(messages: list[dict[str, str]]) -> bool:
+    """Remove the oldest user turn and its reply (never the system prompt nor the last message); False if none."""
+    start = 1 if messages and messages[0]["role"] == "system" else 0
+    if len(messages) - start < 2:
+        return False
+    end = start + 1
+    while end < len(messages) - 1 and messages[end]["role"] != "user":
+        end += 1
+    del messages[start:end]
+    return True
+
+
+def read_conversation(path: str | Path) -> list[dict[str, str]]:
+    """Messages from a JSON file written by :meth:`ChatSession.save` (or a bare list of role/content messages)."""
+    path = Path(path).expanduser()
+    try:
+        record = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise FileNotFoundError(f"no such file: {path}") from None
+    except OSError as e:
+        raise OSError(f"cannot read {path}: {e.strerror}") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path} is not a saved chat (not JSON: {e})") from None
+    messages = record.get("messages") if isinstance(record, dict) else record
+    ok = isinstance(messages, list) and all(
+        isinstance(m, dict) and m.get("role") in ROLES and isinstance(m.get("content"), str) for m in messages
+    )
+    if not ok or any(m["role"] == "system" for m in messages[1:]):
+        raise ValueError(
+            f"{path} is not a saved chat: expected a list of {{'role': system|user|assistant, 'content': text}} "
+            "messages, the system one first"
+        )
+    return [{"role": m["role"], "content": m["content"]} for m in messages]
+
+
+def parse_command(line: str) -> tuple[str, str] | None:
+    """``"/save a.json"`` -> ``("save", "a.json")``; ``None`` for a message (``//text`` sends ``/text``).
+
+    Raises ``ValueError`` for an unknown command or a missing argument.
+    """
+    if not line.startswith("/") or line.startswith("//"):
+        return None
+    name, _, arg = line[1:].strip().partition(" ")
+    name, arg = name.lower(), arg.strip()
+    if name not in COMMANDS:
+        raise ValueError(f"unknown command /{name}: type /help for the list")
+    takes = COMMANDS[name][0]
+    if takes == "FILE" and not arg:
+        raise ValueError(f"/{name} needs a file name, e.g. /{name} chat.json")
+    if not takes and arg:
+        raise ValueError(f"/{name} takes no argument")
+    return name, arg
+
+
+def message_text(line: str) -> str:
+    """The message a non-command input line sends (``//`` escapes a leading slash)."""
+    return line[1:] if line.startswith("//") else line
+
+
+def help_text() -> str:
+    """The list of slash commands and input keys, one per line."""
+    rows = [(f"/{name} {arg}".rstrip(), about) for name, (arg, about) in COMMANDS.items()]
+    rows += [("line ending in \\", "continue the message on the next line"), ("Ctrl-C", "stop the reply")]
+    width = max(len(r[0]) for r in rows)
+    return "\n".join(f"  {left.ljust(width)}  {about}" for left, about in rows)

@@ -1,0 +1,173 @@
+"""Chat sessions through the API: the KV cache kept across turns, context limits, save/load, bad input."""
+
+from __future__ import annotations
+
+import json
+
+import mlx.core as mx
+import pytest
+from spm_util import train_spm
+from tiny import tiny_args
+
+from mlx_openelm import make_cache, random_model
+from mlx_openelm.chat import ChatSession, Notice, parse_command, read_conversation
+from mlx_openelm.tokenizer import INSTRUCT_CHAT_TEMPLATE, Tokenizer
+
+
+class CountingModel:
+    """The real model, recording how many tokens each forward pass is given."""
+
+    def __init__(self, model):
+        self.model, self.layers, self.args = model, model.layers, model.args
+        self.fed: list[int] = []
+
+    def __call__(self, tokens, cache=None):
+        self.fed.append(tokens.shape[1])
+        return self.model(tokens, cache=cache)
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tmp_path_factory):
+    path = train_spm(tmp_path_factory.mktemp("spm"))
+    return Tokenizer.from_file(path, chat_template=INSTRUCT_CHAT_TEMPLATE)
+
+
+def make_session(tokenizer, max_context=512, **kwargs) -> ChatSession:
+    args = tiny_args(vocab_size=tokenizer.vocab_size, max_context_length=max_context)
+    return ChatSession(CountingModel(random_model(args, dtype="float32")), tokenizer, **kwargs)
+
+
+def say(session: ChatSession, text: str, **kwargs) -> tuple[str, list[Notice]]:
+    events = list(session.reply(text, **kwargs))
+    return "".join(e for e in events if isinstance(e, str)), [e for e in events if isinstance(e, Notice)]
+
+
+def assert_cache_is_full_prefill(session: ChatSession) -> None:
+    """The cache built turn by turn holds exactly what one prefill of ``session.tokens`` gives."""
+    fresh = make_cache(session.model)
+    session.model.model(mx.array(session.tokens)[None], cache=fresh)
+    for kept, ref in zip(session.cache, fresh):
+        assert kept.offset == ref.offset == len(session.tokens)
+        for a, b in zip(kept.keys_and_values(), ref.keys_and_values()):
+            assert mx.allclose(a, b, atol=1e-4).item()
+
+
+def test_second_turn_prefills_only_its_new_tokens(tokenizer):
+    session = make_session(tokenizer, system="Be brief.")
+    say(session, "Hello world!", max_tokens=12)
+    first, after_first = session.last_turn, list(session.tokens)
+    assert first.prefilled == first.prompt_tokens and first.reused == 0
+    assert len(after_first) == first.prompt_tokens + first.generation_tokens - (first.finish_reason == "stop")
+
+    session.model.fed.clear()
+    say(session, "The capital of France is", max_tokens=12)
+    second = session.last_turn
+    # The new tokens are exactly the text the template appends: the end of the reply, the user turn, the cue.
+    new_text = "</s>\n<|user|>\nThe capital of France is</s>\n<|assistant|>\n"
+    new_ids = tokenizer.encode(new_text, bos=False)
+    assert session.tokens[: len(after_first)] == after_first
+    assert session.tokens[len(after_first) : second.prompt_tokens] == new_ids
+    assert second.reused == len(after_first) and second.prefilled == len(new_ids)
+    # What the model was actually given: the new tokens, then one token per decode step.
+    assert sum(session.model.fed) <= second.prefilled + second.generation_tokens
+    assert session.model.fed[0] <= second.prefilled < second.prompt_tokens // 2
+    assert_cache_is_full_prefill(session)
+
+
+def test_context_fills_old_turns_are_dropped_and_chat_keeps_answering(tokenizer):
+    session = make_session(tokenizer, max_context=96, system="Be brief.")
+    notices, turns = [], 0
+    for i in range(10):
+        _, got = say(session, f"Question number {i}: for i in range(10)?", max_tokens=16)
+        notices += got
+        turns += 1
+        stats = session.last_turn
+        assert stats.generation_tokens >= 1 and stats.prompt_tokens + stats.generation_tokens <= 96
+        assert session.messages[0] == {"role": "system", "content": "Be brief."}
+        assert session.messages[-2]["content"] == f"Question number {i}: for i in range(10)?"
+        if got:  # the cache was rebuilt from the system prompt on
+            assert 0 < stats.reused < stats.prompt_tokens
+        assert_cache_is_full_prefill(session)
+    assert notices and "dropped the oldest" in notices[0].text
+    assert len(session.messages) < 1 + 2 * turns
+
+
+def test_interrupted_reply_is_kept_and_next_turn_reuses_it(tokenizer):
+    session = make_session(tokenizer)
+    events = session.reply("Hello world!", max_tokens=200)
+    pieces = [next(events) for _ in range(3)]
+    events.close()  # what the terminal does on Ctrl-C
+    stats = session.last_turn
+    assert stats.finish_reason == "interrupted" and 3 <= stats.generation_tokens < 200
+    assert session.messages[-1] == {"role": "assistant", "content": "".join(pieces)}
+    assert_cache_is_full_prefill(session)
+    kept = len(session.tokens)
+    say(session, "Go on.", max_tokens=4)
+    assert session.last_turn.reused == kept
+
+
+def test_save_and_load_round_trip(tokenizer, tmp_path):
+    session = make_session(tokenizer, system="Be brief.")
+    say(session, "Hello world!", max_tokens=6)
+    say(session, "Numbers 1234567890?", max_tokens=6)
+    path = session.save(tmp_path / "chat.json")
+    assert [p.name for p in tmp_path.iterdir()] == ["chat.json"]  # no temporary file left behind
+    record = json.loads(path.read_text())
+    assert [m["role"] for m in record["messages"]] == ["system", "user", "assistant", "user", "assistant"]
+    assert record["messages"][3]["content"] == "Numbers 1234567890?"
+
+    other = make_session(tokenizer)
+    other.load(path)
+    assert other.messages == session.messages and other.system == "Be brief."
+    say(other, "More?", max_tokens=4)
+    assert other.last_turn.reused == 0 and other.last_turn.prefilled > 30  # a fresh cache: all is prefilled
+    assert_cache_is_full_prefill(other)
+
+    # Loading into a session whose cache shares a prefix with the file keeps that prefix.
+    session.reset()
+    say(session, "Hi", max_tokens=4)
+    session.load(path)
+    say(session, "More?", max_tokens=4)
+    assert 0 < session.last_turn.reused < session.last_turn.prompt_tokens
+    assert_cache_is_full_prefill(session)
+
+
+def test_reset_and_system_prompt(tokenizer):
+    session = make_session(tokenizer, system="Be brief.")
+    say(session, "Hello world!", max_tokens=6)
+    session.reset()
+    assert session.messages == [{"role": "system", "content": "Be brief."}]
+    say(session, "Hello world!", max_tokens=6)
+    assert session.last_turn.reused > 0  # the system prompt's tokens stay cached
+    session.set_system("Be verbose.")
+    assert session.system == "Be verbose." and len(session.messages) == 3
+    session.set_system(None)
+    assert session.system is None and session.messages[0]["role"] == "user"
+
+
+def test_bad_input_is_a_one_line_error_and_the_session_goes_on(tokenizer, tmp_path):
+    session = make_session(tokenizer, max_context=64)
+    for line in ["/bogus", "/save", "/load", "/reset now"]:
+        with pytest.raises(ValueError, match=r"^/|unknown command"):
+            parse_command(line)
+    assert parse_command("//etc is a folder") is None and parse_command("/save a b.json") == ("save", "a b.json")
+
+    (tmp_path / "bad.json").write_text("{not json")
+    (tmp_path / "shape.json").write_text(json.dumps({"messages": [{"role": "wizard", "content": "x"}]}))
+    with pytest.raises(ValueError, match="not a saved chat"):
+        read_conversation(tmp_path / "bad.json")
+    with pytest.raises(ValueError, match="not a saved chat"):
+        read_conversation(tmp_path / "shape.json")
+    with pytest.raises(FileNotFoundError, match="no such file"):
+        session.command("load", str(tmp_path / "missing.json"))
+    with pytest.raises(ValueError, match="does not fit"):
+        say(session, "Hello world! " * 40)
+    assert session.messages == []
+
+    bad = Tokenizer(tokenizer.sp, chat_template="{{ raise_exception('no chats here') }}")
+    broken = ChatSession(session.model, bad)
+    with pytest.raises(ValueError, match="chat template failed to render: no chats here"):
+        say(broken, "Hello")
+    assert broken.messages == []
+    say(session, "Hello", max_tokens=4)
+    assert session.last_turn.generation_tokens >= 1 and len(session.messages) == 2
