@@ -233,9 +233,11 @@ class ChatSession:
         return text, full
 
     def _trim(self, n: int) -> None:
+        # Keep the first n cached tokens (of those held).
         for c in self.cache:
             if c.offset > n:
                 c.trim(c.offset - n)
+        self._cached = min(self._cached, n)
 
     def _settle(self, ids: list[int], text: str) -> None:
         # Record what the cache now holds. Layers disagree only if a forced interrupt hit mid-forward: rebuild then.
@@ -243,9 +245,8 @@ class ChatSession:
         if len(offsets) != 1:
             self._clear_cache()
             return
-        self._cached = min(offsets.pop(), len(ids))
-        self._trim(self._cached)
-        self._ids, self._text = ids, text
+        self._ids, self._text, self._cached = ids, text, offsets.pop()
+        self._trim(len(ids))
 
     def _clear_cache(self) -> None:
         self.cache = make_cache(self.model)

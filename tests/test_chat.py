@@ -106,6 +106,26 @@ def test_interrupted_reply_is_kept_and_next_turn_reuses_it(tokenizer):
     assert session.last_turn.reused == kept
 
 
+def test_ctrl_c_landing_inside_a_decode_step_leaves_a_consistent_session(tokenizer):
+    session = make_session(tokenizer)
+    calls = []
+
+    def interrupt_on_sixth_step(tokens, logits):  # where a forced Ctrl-C's KeyboardInterrupt may land
+        calls.append(1)
+        if len(calls) == 6:
+            raise KeyboardInterrupt
+        return logits
+
+    with pytest.raises(KeyboardInterrupt):
+        say(session, "Hello world!", max_tokens=50, logits_processors=[interrupt_on_sixth_step])
+    assert session.last_turn.finish_reason == "interrupted" and 1 <= session.last_turn.generation_tokens < 6
+    assert session.messages[0]["content"] == "Hello world!" and session.messages[1]["role"] == "assistant"
+    assert_cache_is_full_prefill(session)
+    say(session, "Go on.", max_tokens=4)
+    assert session.last_turn.reused == session.last_turn.prompt_tokens - session.last_turn.prefilled > 0
+    assert_cache_is_full_prefill(session)
+
+
 def test_save_and_load_round_trip(tokenizer, tmp_path):
     session = make_session(tokenizer, system="Be brief.")
     say(session, "Hello world!", max_tokens=6)

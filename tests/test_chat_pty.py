@@ -59,7 +59,7 @@ def turn(child, line: str) -> tuple[str, dict[str, int | str]]:
     child.sendline(line)
     child.expect(STATS)
     prefilled, prompt, reused, generated, reason = child.match.groups()
-    reply = child.before.split(line, 1)[-1].strip()
+    reply = child.before.split(line, 1)[-1].strip() if line else ""
     child.expect_exact(">>> ")
     return reply, {"prefilled": int(prefilled), "prompt": int(prompt), "reused": int(reused),
                    "generated": int(generated), "reason": reason}
@@ -89,16 +89,19 @@ def test_two_turns_reset_save_load_and_bad_input(model_dir, tmp_path):
     child.sendline("for i in range(10): \\")  # a trailing backslash continues the message
     child.expect_exact("... ")
     _, t3 = turn(child, 'print(i * 2, end=" ")')
-    command(child, f"/save {saved}", f"saved 7 messages to {saved}")
+    child.send("\x1b[200~pasted line\nand another\x1b[201~")  # a bracketed paste of two lines is one message
+    turn(child, "")
+    command(child, f"/save {saved}", f"saved 9 messages to {saved}")
     messages = json.loads(saved.read_text())["messages"]
-    assert [m["role"] for m in messages] == ["system"] + ["user", "assistant"] * 3
+    assert [m["role"] for m in messages] == ["system"] + ["user", "assistant"] * 4
     assert messages[5]["content"] == 'for i in range(10): \nprint(i * 2, end=" ")'
+    assert messages[7]["content"] == "pasted line\nand another"
     assert messages[2]["content"] == reply1
 
     command(child, "/reset", "new conversation")
     _, t4 = turn(child, "Hello world!")
     assert t4["prompt"] == t1["prompt"] and 0 < t4["reused"] < t4["prompt"]  # only the system prompt was kept
-    command(child, f"/load {saved}", f"loaded 7 messages from {saved}")
+    command(child, f"/load {saved}", f"loaded 9 messages from {saved}")
     _, t5 = turn(child, "And again?")
     assert t5["prompt"] > t3["prompt"] + t3["generated"]  # the whole loaded conversation is in the prompt
 
