@@ -4,3 +4,6 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
+
+# The memorizing model (trained once per session), for every test file that takes it by name.
+from trained_model import trained_checkpoint  # noqa: E402, F401
