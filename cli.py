@@ -26,6 +26,31 @@ def fail(message: str, code: int = 1) -> None:
     raise typer.Exit(code)
 
 
+tokenizer_app = typer.Typer(help="Get the Llama-2 tokenizer OpenELM uses (not in Apple's repos).",
+                            no_args_is_help=True)
+app.add_typer(tokenizer_app, name="tokenizer")
+
+
+@tokenizer_app.command("fetch")
+def tokenizer_fetch(
+    output: Annotated[Path, typer.Option("-o", "--output", help="Folder for tokenizer.model/.json/_config.json.")],
+    tokenizer: Annotated[str | None, typer.Option(help="A tokenizer.model, its folder, or a HF repo id.")] = None,
+    from_file: Annotated[Path | None, typer.Option(help="A downloaded llama-tokenizer-js-1.2.2.tgz or "
+                                                        "llama_cpp_python-0.3.36.tar.gz to rebuild from.")] = None,
+    instruct: Annotated[bool, typer.Option(help="Store the OpenELM-Instruct chat template.")] = False,
+) -> None:
+    """Write Meta's Llama-2 tokenizer (sha256 checked), rebuilt from public packages when needed."""
+    from mlx_openelm.tokenizer_fetch import fetch_tokenizer
+
+    if tokenizer is not None and from_file is not None:
+        fail("give --tokenizer or --from-file, not both")
+    if from_file is not None and not from_file.is_file():
+        raise FileNotFoundError(f"--from-file {from_file}: no such file")
+    result = fetch_tokenizer(output, tokenizer=str(from_file) if from_file else tokenizer, instruct=instruct)
+    typer.echo(f"{result.path}: {result.note} (route: {result.route})")
+    typer.echo(f"sha256 {result.sha256}")
+
+
 @app.command("convert")
 def convert_command(
     source: Annotated[str, typer.Argument(help="Checkpoint folder or Hugging Face repo id (apple/OpenELM-270M).")],

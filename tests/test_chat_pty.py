@@ -110,6 +110,8 @@ def test_two_turns_reset_save_load_and_bad_input(model_dir, tmp_path):
     command(child, "/help", "/save FILE")
     child.sendintr()  # Ctrl-C at an empty prompt leaves
     assert_left_cleanly(child)
+    history = (tmp_path / "state" / "mlx-openelm" / "chat_history").read_text()
+    assert "Numbers 1234567890?" in history and "/reset" in history  # kept for the next session's up-arrow
 
 
 def test_ctrl_c_stops_the_reply_keeps_it_and_ctrl_d_leaves(model_dir, tmp_path):
