@@ -142,12 +142,12 @@ def bench_command(
 
 # Sampling options shared by the commands that generate text.
 Temp = Annotated[float, typer.Option(help="Sampling temperature; 0 is greedy.")]
-TopP = Annotated[float, typer.Option(help="Keep the most likely tokens up to this probability mass (0: off).")]
+TopP = Annotated[float, typer.Option(help="Keep the most likely tokens up to this probability mass (1: off).")]
 TopK = Annotated[int, typer.Option(help="Keep only the k most likely tokens (0: off).")]
 MinP = Annotated[float, typer.Option(help="Drop tokens below min-p times the top probability (0: off).")]
 RepetitionPenalty = Annotated[float | None, typer.Option(help="Penalize repeated tokens (Apple suggests 1.2).")]
 Seed = Annotated[int | None, typer.Option(help="Random seed for sampling.")]
-MaxTokens = Annotated[int, typer.Option("--max-tokens", "-n", help="Most tokens to generate per reply.")]
+MaxTokens = Annotated[int, typer.Option("--max-tokens", "-n", help="Most tokens to generate (per reply in chat).")]
 
 
 @app.command("chat")
@@ -155,24 +155,20 @@ def chat_command(
     model: Annotated[str, typer.Option("--model", "-m", help="Converted model folder.")],
     system: Annotated[str | None, typer.Option(help="System prompt.")] = None,
     chat_template: Annotated[Path | None, typer.Option(help="Jinja chat template file (replaces the model's).")] = None,
-    temp: Temp = 0.0, top_p: TopP = 0.0, top_k: TopK = 0, min_p: MinP = 0.0,
+    temp: Temp = 0.0, top_p: TopP = 1.0, top_k: TopK = 0, min_p: MinP = 0.0,
     repetition_penalty: RepetitionPenalty = None, seed: Seed = None, max_tokens: MaxTokens = 256,
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Per turn: tokens prefilled, speeds.")] = False,
 ) -> None:
     """Chat in the terminal; the KV cache is kept across turns (/help lists the commands)."""
-    import mlx.core as mx
-    from mlx_lm.sample_utils import make_logits_processors, make_sampler
-
     from mlx_openelm import load
     from mlx_openelm.chat import ChatSession
     from mlx_openelm.chat_terminal import run_chat
+    from mlx_openelm.sample import make_logits_processors, make_sampler
 
-    if seed is not None:
-        mx.random.seed(seed)
+    sampler, processors = make_sampler(temp, top_p, top_k, min_p, seed), make_logits_processors(repetition_penalty)
     session = ChatSession(*load(model, chat_template=chat_template), system=system)
     run_chat(session, verbose=verbose, banner=f"chatting with {model}: /help for commands, Ctrl-D to leave",
-             max_tokens=max_tokens, sampler=make_sampler(temp=temp, top_p=top_p, top_k=top_k, min_p=min_p),
-             logits_processors=make_logits_processors(repetition_penalty=repetition_penalty))
+             max_tokens=max_tokens, sampler=sampler, logits_processors=processors)
 
 
 def main() -> None:

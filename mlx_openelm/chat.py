@@ -9,16 +9,15 @@ from __future__ import annotations
 import json
 import os
 import tempfile
-import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import mlx.core as mx
-from mlx_lm.generate import generate_step
 
 from .cache import make_cache
+from .generate import stream_generate
 
 ROLES = ("system", "user", "assistant")
 FILE_FORMAT = "mlx-openelm-chat"
@@ -61,8 +60,9 @@ class ChatSession:
     """A conversation (``messages``) with a KV cache kept across turns.
 
     The cache holds ``tokens``; a new turn encodes the whole conversation, keeps the common prefix, trims the cache
-    past it and prefills only the rest. When the conversation would leave less than ``min(max_tokens,
-    max_context // 2)`` tokens for the reply, the oldest turns (never the system prompt) are dropped.
+    past it and prefills only the rest. When the conversation would leave less than ``min(max_tokens, context //
+    2)`` tokens for the reply (context: the model's ``max_context_length``), the oldest turns are dropped (never
+    the system prompt).
     """
 
     def __init__(
@@ -70,11 +70,10 @@ class ChatSession:
         model: Any,
         tokenizer: Any,
         system: str | None = None,
-        max_context: int | None = None,
         prefill_step_size: int = 512,
     ) -> None:
         self.model, self.tokenizer = model, tokenizer
-        self.max_context = max_context or model.args.max_context_length
+        self.max_context = model.args.max_context_length
         self.prefill_step_size = prefill_step_size
         self.messages: list[dict[str, str]] = [{"role": "system", "content": system}] if system else []
         self.last_turn: TurnStats | None = None
@@ -129,57 +128,42 @@ class ChatSession:
         # Reuse the cached prefix; at least one token must go through the model to get the next-token logits.
         common = min(_common_prefix(ids, self._ids), self._cached, len(ids) - 1)
         self._trim(common)
-        eos, detokenizer = self.tokenizer.eos_id, self.tokenizer.detokenizer()
-        generated: list[int] = []
-        pieces: list[str] = []
-        reason, flushed, first, end = "interrupted", False, None, None
-        mx.reset_peak_memory()
-        tic = time.perf_counter()
-        steps = generate_step(
-            mx.array(ids[common:]),
+        stream = stream_generate(
             self.model,
+            self.tokenizer,
+            ids[common:],
             max_tokens=min(max_tokens, room),
             sampler=sampler,
             logits_processors=logits_processors,
-            prefill_step_size=self.prefill_step_size,
             prompt_cache=self.cache,
+            prefill_step_size=self.prefill_step_size,
         )
+        generated: list[int] = []
+        pieces: list[str] = []
+        last = None
         try:
             if dropped:
                 yield Notice(f"context full: dropped the oldest {dropped} turn(s); the system prompt is kept")
-            for token, _ in steps:
-                end = time.perf_counter()
-                first = first or end
-                if token == eos:
-                    reason = "stop"
-                    break
-                generated.append(token)
-                if piece := detokenizer.add(token):
-                    pieces.append(piece)
-                    yield piece
-            else:
-                reason = "length"
-            flushed = True
-            if tail := detokenizer.flush():
-                pieces.append(tail)
-                yield tail
+            for last in stream:
+                if last.token != self.tokenizer.eos_id:
+                    generated.append(last.token)
+                if last.text:
+                    pieces.append(last.text)
+                    yield last.text
         finally:
             # Runs on every exit (end, close() on Ctrl-C, exception): the reply so far joins the conversation.
-            steps.close()
-            if not flushed:
-                pieces.append(detokenizer.flush())
+            stream.close()
             reply = "".join(pieces)
             self._settle(ids + generated, prompt + reply)
             self.messages = [*messages, {"role": "assistant", "content": reply}]
-            n = len(generated) + (reason == "stop")
             self.last_turn = TurnStats(
                 prompt_tokens=len(ids),
                 prefilled=len(ids) - common,
-                prompt_tps=(len(ids) - common) / (first - tic) if first else 0.0,
-                generation_tokens=n,
-                generation_tps=(n - 1) / (end - first) if n > 1 and end > first else 0.0,
-                finish_reason=reason,
-                peak_memory=mx.get_peak_memory() / 1e9,
+                prompt_tps=last.prompt_tps if last else 0.0,
+                generation_tokens=last.generation_tokens if last else 0,
+                generation_tps=last.generation_tps if last else 0.0,
+                finish_reason=(last and last.finish_reason) or "interrupted",
+                peak_memory=last.peak_memory if last else 0.0,
             )
 
     def save(self, path: str | Path) -> Path:

@@ -84,7 +84,8 @@ def test_two_turns_reset_save_load_and_bad_input(model_dir, tmp_path):
     reply1, t1 = turn(child, "Hello world!")
     assert reply1.startswith(":") and t1["prefilled"] == t1["prompt"] and t1["generated"] == 24
     _, t2 = turn(child, "Numbers 1234567890?")
-    assert t2["reused"] == t1["prompt"] + t1["generated"] and t2["prefilled"] < t2["prompt"] // 2
+    # All of turn 1 is reused, but perhaps its last token, which the model had not been fed yet.
+    assert t1["prompt"] + t1["generated"] - 1 <= t2["reused"] and t2["prefilled"] < t2["prompt"] // 2
 
     child.sendline("for i in range(10): \\")  # a trailing backslash continues the message
     child.expect_exact("... ")
