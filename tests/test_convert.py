@@ -19,6 +19,7 @@ from mlx_openelm.convert import convert
 from mlx_openelm.convert.quantize import recipe_bits
 from spm_util import train_spm
 from tiny import TINY_CONFIG, tiny_args
+from trained_model import trained_checkpoint  # noqa: F401 (a fixture)
 
 from mlx_openelm import Model, __version__, load, load_model, random_model
 
@@ -198,3 +199,14 @@ def test_hub_repo_converts_offline_from_the_local_cache(tmp_path, source_model, 
     assert missing.returncode == 1 and not (tmp_path / "none").exists()
     assert missing.stderr.startswith("error: apple/OpenELM-nothing is not (fully) in the Hugging Face cache")
     assert len(missing.stderr.strip().splitlines()) == 1
+
+
+def test_bfloat16_top1_agrees_with_float32_on_the_trained_model(tmp_path, trained_checkpoint):
+    fp32 = load_model(convert(trained_checkpoint.path, tmp_path / "fp32", dtype="float32").path)
+    bf16 = load_model(convert(trained_checkpoint.path, tmp_path / "bf16").path)
+    agree = []
+    for prompt, continuation in trained_checkpoint.sequences():
+        tokens = mx.array([prompt + continuation])
+        agree.append(mx.argmax(fp32(tokens), -1) == mx.argmax(bf16(tokens), -1))
+    agreement = mx.concatenate(agree, axis=1).astype(mx.float32).mean().item()
+    assert agreement >= 0.99
