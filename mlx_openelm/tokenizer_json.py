@@ -95,7 +95,7 @@ def tokenizer_config(sp: spm.SentencePieceProcessor, chat_template: str | None =
     return config
 
 
-def check_parity(tokenizer_json_path: Path, sp: spm.SentencePieceProcessor, texts=PROBES) -> None:
+def check_parity(tokenizer_json_path: Path, sp: spm.SentencePieceProcessor, texts: tuple[str, ...] = PROBES) -> None:
     """Raise ``ValueError`` naming the first text that ``tokenizer.json`` encodes unlike SentencePiece."""
     from tokenizers import Tokenizer as HFTokenizer  # brought by transformers; only needed for this check
 
