@@ -127,7 +127,6 @@ class ChatSession:
             )
         # Reuse the cached prefix; at least one token must go through the model to get the next-token logits.
         common = min(_common_prefix(ids, self._ids), self._cached, len(ids) - 1)
-        self._trim(common)
         stream = stream_generate(
             self.model,
             self.tokenizer,
@@ -142,6 +141,7 @@ class ChatSession:
         pieces: list[str] = []
         last = None
         try:
+            self._trim(common)  # inside the try: an interrupt mid-trim is settled below like any other
             if dropped:
                 yield Notice(f"context full: dropped the oldest {dropped} turn(s); the system prompt is kept")
             for last in stream:

@@ -21,8 +21,6 @@ from tiny import tiny_args
 from mlx_openelm import random_model, save
 from mlx_openelm.tokenizer import Tokenizer
 
-pexpect = pytest.importorskip("pexpect")
-
 CLI = str(Path(sys.executable).with_name("mlx-openelm"))
 TEMPLATE = (
     "{% for m in messages %}<|{{ m['role'] }}|>:{{ m['content'] }}{{ eos_token }}{% endfor %}"
@@ -45,6 +43,7 @@ def model_dir(tmp_path_factory) -> Path:
 
 def spawn(model_dir: Path, tmp_path: Path, *options: str):
     """``mlx-openelm chat`` in a terminal, followed by ``stty -a`` to show the state it leaves the terminal in."""
+    pexpect = pytest.importorskip("pexpect")
     argv = [CLI, "chat", "-m", str(model_dir), "--chat-template", str(model_dir / "chat.jinja"), "-v", *options]
     env = {**os.environ, "XDG_STATE_HOME": str(tmp_path / "state"), "TERM": "xterm"}
     shell = f"trap : INT; {shlex.join(argv)}; echo exit=$?; stty -a"  # the shell outlives Ctrl-C
@@ -73,7 +72,7 @@ def command(child, line: str, expect: str) -> None:
 
 def assert_left_cleanly(child) -> None:
     child.expect_exact("exit=0")
-    child.expect(pexpect.EOF)
+    child.expect(pytest.importorskip("pexpect").EOF)
     settings = child.before.split()
     assert "icanon" in settings and "echo" in settings  # readline gave the terminal back as it found it
 
