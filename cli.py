@@ -150,6 +150,54 @@ Seed = Annotated[int | None, typer.Option(help="Random seed for sampling.")]
 MaxTokens = Annotated[int, typer.Option("--max-tokens", "-n", help="Most tokens to generate (per reply in chat).")]
 
 
+@app.command("generate")
+def generate_command(
+    model: Annotated[str, typer.Option("--model", "-m", help="Converted model folder, or a Hugging Face repo id "
+                                                             "(converted into the user's cache on first use).")],
+    prompt: Annotated[str, typer.Option("--prompt", "-p", help="Prompt text; - reads it from stdin.")],
+    temp: Temp = 0.0, top_p: TopP = 1.0, top_k: TopK = 0, min_p: MinP = 0.0,
+    repetition_penalty: RepetitionPenalty = None, seed: Seed = None, max_tokens: MaxTokens = 256,
+    stop: Annotated[list[str] | None, typer.Option(help="Stop before this text (repeatable).")] = None,
+    max_kv_size: Annotated[int | None, typer.Option(help="Rotating KV cache of N tokens (passes the context limit).")]
+    = None,
+    kv_bits: Annotated[int | None, typer.Option(help="Quantize the KV cache: 4 or 8 bits.")] = None,
+    dtype: Annotated[str, typer.Option(help="auto (per backend), float32, bfloat16 or float16.")] = "auto",
+    json_out: Annotated[bool, typer.Option("--json", help="Print one JSON object instead of streaming.")] = False,
+) -> None:
+    """Generate text from a prompt: text streams to stdout, a stats line to stderr."""
+    import json
+
+    from mlx_openelm import load, make_logits_processors, make_sampler, stream_generate
+    from mlx_openelm.load import resolve_model
+
+    if prompt == "-":
+        try:
+            prompt = sys.stdin.read()
+        except (OSError, UnicodeDecodeError) as e:
+            fail(f"cannot read the prompt from stdin: {e}")
+    sampler = make_sampler(temp=temp, top_p=top_p, top_k=top_k, min_p=min_p, seed=seed)
+    processors = make_logits_processors(repetition_penalty=repetition_penalty)
+    net, tokenizer = load(resolve_model(model), dtype=dtype)
+    responses = []
+    for r in stream_generate(net, tokenizer, prompt, max_tokens=max_tokens, sampler=sampler, stop=stop or (),
+                             logits_processors=processors, max_kv_size=max_kv_size, kv_bits=kv_bits):
+        responses.append(r)
+        if not json_out:
+            typer.echo(r.text, nl=False)
+            sys.stdout.flush()
+    last = responses[-1]
+    stats = {"finish_reason": last.finish_reason, "prompt_tps": last.prompt_tps, "generation_tps":
+             last.generation_tps, "peak_memory_gb": last.peak_memory}
+    if json_out:
+        typer.echo(json.dumps({"text": "".join(r.text for r in responses), "prompt_tokens": tokenizer.encode(prompt),
+                               "tokens": [r.token for r in responses], **stats}, ensure_ascii=False))
+    else:
+        typer.echo()
+        typer.echo(f"prompt: {last.prompt_tokens} tokens, {last.prompt_tps:.1f} tok/s | generation: "
+                   f"{last.generation_tokens} tokens, {last.generation_tps:.1f} tok/s | peak memory "
+                   f"{last.peak_memory:.2f} GB | {last.finish_reason}", err=True)
+
+
 @app.command("chat")
 def chat_command(
     model: Annotated[str, typer.Option("--model", "-m", help="Converted model folder.")],

@@ -2,9 +2,14 @@
 
 from .cache import make_cache
 from .config import ModelArgs, preset
+from .generate import GenerationResponse, generate, generate_step, stream_generate
 from .load import load, load_model, random_model, save
 from .model import Model
+from .sample import make_logits_processors, make_sampler
 
 __version__ = "0.1.0"
 
-__all__ = ["Model", "ModelArgs", "load", "load_model", "make_cache", "preset", "random_model", "save", "__version__"]
+__all__ = [
+    "GenerationResponse", "Model", "ModelArgs", "generate", "generate_step", "load", "load_model", "make_cache",
+    "make_logits_processors", "make_sampler", "preset", "random_model", "save", "stream_generate", "__version__",
+]

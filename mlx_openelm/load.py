@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import mlx.core as mx
+import mlx.nn as nn
 from mlx_lm.utils import load_model as _mlx_lm_load_model
 from mlx_lm.utils import save_model as _mlx_lm_save_model
 
@@ -28,10 +29,23 @@ def parse_dtype(name: str | mx.Dtype) -> mx.Dtype:
     return DTYPES[name]
 
 
+def auto_dtype(model: Model) -> mx.Dtype | None:
+    """The compute dtype ``dtype="auto"`` picks for ``model`` on the default device (None: keep the stored one).
+
+    MLX's CPU backend runs quantized matmuls with half-precision scales and activations ~10-30x slower than
+    with float32 ones (benchmarks/overhead.py measures it), so quantized models compute in float32 there; the
+    packed weights stay packed. Dense weights keep their dtype (bfloat16 decodes faster than float32 on the CPU
+    too), and Metal and CUDA keep half precision.
+    """
+    quantized = any(isinstance(m, (nn.QuantizedLinear, nn.QuantizedEmbedding)) for _, m in model.named_modules())
+    return mx.float32 if quantized and mx.default_device().type == mx.cpu else None
+
+
 def load_model(path: str | Path, dtype: str | mx.Dtype | None = None, lazy: bool = False) -> Model:
     """Load a converted directory; quantized layers are rebuilt from its ``quantization`` record.
 
-    ``dtype`` casts the floating-point parameters (quantization scales included; packed weights stay packed).
+    ``dtype`` casts the floating-point parameters (quantization scales included; packed weights stay packed);
+    ``"auto"`` picks the fastest for this backend (:func:`auto_dtype`); None keeps the stored dtype.
     """
     path = Path(path)
     if not (path / "config.json").is_file():
@@ -40,6 +54,8 @@ def load_model(path: str | Path, dtype: str | mx.Dtype | None = None, lazy: bool
         raise FileNotFoundError(f"{path} has no model*.safetensors: convert a checkpoint first (mlx-openelm convert)")
     # mlx-lm's loader already does the quantized rebuild (per-layer overrides included) and strict loading.
     model, _ = _mlx_lm_load_model(path, lazy=True, get_model_classes=lambda config: (Model, ModelArgs))
+    if isinstance(dtype, str) and dtype == "auto":
+        dtype = auto_dtype(model)
     if dtype is not None:
         model.set_dtype(parse_dtype(dtype))
     if not lazy:
@@ -47,12 +63,35 @@ def load_model(path: str | Path, dtype: str | mx.Dtype | None = None, lazy: bool
     return model
 
 
-def load(path: str | Path, dtype: str | mx.Dtype | None = None, chat_template: str | Path | None = None):
-    """``model, tokenizer = load(path)`` for a converted model directory."""
+def load(path: str | Path, dtype: str | mx.Dtype | None = "auto", chat_template: str | Path | None = None):
+    """``model, tokenizer = load(path)`` for a converted model directory (``dtype`` as for :func:`load_model`)."""
     from .tokenizer import load_tokenizer
 
     model = load_model(path, dtype=dtype)
     return model, load_tokenizer(path, chat_template=chat_template)
+
+
+def model_cache_dir() -> Path:
+    """Where repo ids are converted on first use: ``$MLX_OPENELM_HOME``, else ``~/.cache/mlx-openelm``."""
+    home = os.environ.get("MLX_OPENELM_HOME")
+    if home:
+        return Path(home).expanduser()
+    return Path(os.environ.get("XDG_CACHE_HOME") or "~/.cache").expanduser() / "mlx-openelm"
+
+
+def resolve_model(name: str | Path) -> Path:
+    """A converted model folder for ``name``: a local path as is, or for a Hugging Face repo id
+    (``apple/OpenELM-270M-Instruct``) its conversion in :func:`model_cache_dir`, made on first use."""
+    text = str(name)
+    path = Path(text).expanduser()
+    if path.exists() or text.startswith((".", "/", "~")) or text.count("/") != 1:
+        return path
+    target = model_cache_dir() / text.replace("/", "--")
+    if not (target / "config.json").is_file():
+        from .convert import convert
+
+        convert(text, target, force=target.exists())
+    return target
 
 
 def random_model(

@@ -1,0 +1,89 @@
+"""Samplers and logits processors: small validated functions composed by two factories.
+
+The filters themselves are mlx-lm's (``mlx_lm.sample_utils``); this module validates arguments, fixes the
+order (temperature, then top-k, top-p, min-p, as Hugging Face and llama.cpp do) and adds seeded sampling.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import mlx.core as mx
+from mlx_lm.sample_utils import apply_min_p, apply_top_k, apply_top_p, make_repetition_penalty
+
+Sampler = Callable[[mx.array], mx.array]
+LogitsProcessor = Callable[[mx.array, mx.array], mx.array]
+
+
+def greedy(logprobs: mx.array) -> mx.array:
+    """The most likely token of each row."""
+    return mx.argmax(logprobs, axis=-1)
+
+
+def _check(name: str, value: float, ok: bool, allowed: str) -> None:
+    if not ok:
+        raise ValueError(f"{name} must be {allowed}, got {value!r}")
+
+
+def make_sampler(
+    temp: float = 0.0,
+    top_p: float = 1.0,
+    top_k: int = 0,
+    min_p: float = 0.0,
+    seed: int | None = None,
+) -> Sampler:
+    """A sampler ``logprobs[B, vocab] -> tokens[B]`` for ``generate_step``.
+
+    ``temp`` 0 is greedy (the filters are then irrelevant). Otherwise the log-probabilities are divided by
+    ``temp``, then filtered: ``top_k`` keeps the k most likely tokens (0 = off), ``top_p`` the smallest set
+    whose probability reaches p (0 or 1 = off, as in mlx-lm), ``min_p`` drops tokens less likely than
+    ``min_p`` times the most likely one (0 = off). ``seed`` gives the sampler its own random key, so samplers
+    made with the same seed draw the same tokens; without it the global MLX random state is used.
+    """
+    _check("temp", temp, isinstance(temp, (int, float)) and temp >= 0, "a number >= 0 (0 = greedy)")
+    _check("top_p", top_p, isinstance(top_p, (int, float)) and 0 <= top_p <= 1, "in [0, 1] (0 or 1 = off)")
+    _check("top_k", top_k, isinstance(top_k, int) and top_k >= 0, "an integer >= 0 (0 = off)")
+    _check("min_p", min_p, isinstance(min_p, (int, float)) and 0 <= min_p <= 1, "in [0, 1] (0 = off)")
+    _check("seed", seed, seed is None or (isinstance(seed, int) and seed >= 0), "an integer >= 0")
+    if temp == 0:
+        return greedy
+
+    filters = []
+    if top_k > 0:
+        # top_k >= vocab keeps everything; mlx-lm's filter would reject it.
+        filters.append(lambda x: apply_top_k(x, top_k) if top_k < x.shape[-1] else x)
+    if 0 < top_p < 1:
+        filters.append(lambda x: apply_top_p(x, top_p))
+    if min_p > 0:
+        filters.append(lambda x: apply_min_p(x, min_p))
+    key = None if seed is None else mx.random.key(seed)
+
+    def sampler(logprobs: mx.array) -> mx.array:
+        nonlocal key
+        x = logprobs * (1 / temp)
+        for f in filters:
+            x = f(x)
+        if key is None:
+            return mx.random.categorical(x)
+        key, sub = mx.random.split(key)
+        return mx.random.categorical(x, key=sub)
+
+    return sampler
+
+
+def make_logits_processors(
+    repetition_penalty: float | None = None,
+    repetition_context_size: int = 64,
+) -> list[LogitsProcessor]:
+    """Logits processors ``(tokens, logits) -> logits`` for ``generate_step``.
+
+    ``repetition_penalty`` (> 0; 1 or None = off; Apple suggests 1.2 for OpenELM) divides the positive logits
+    and multiplies the negative logits of tokens seen in the last ``repetition_context_size`` tokens.
+    """
+    if repetition_penalty is None or repetition_penalty == 1:
+        return []
+    ok = isinstance(repetition_penalty, (int, float)) and repetition_penalty > 0
+    _check("repetition_penalty", repetition_penalty, ok, "a number > 0 (1 = off)")
+    ok = isinstance(repetition_context_size, int) and repetition_context_size >= 1
+    _check("repetition_context_size", repetition_context_size, ok, "an integer >= 1")
+    return [make_repetition_penalty(repetition_penalty, repetition_context_size)]
