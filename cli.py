@@ -84,9 +84,10 @@ def convert_command(
 
 @app.command("bench")
 def bench_command(
-    model: Annotated[Path | None, typer.Option(help="A converted model folder (default: random weights).")] = None,
+    model: Annotated[str | None, typer.Option(help="Converted folder or repo id (default: random weights).")] = None,
     preset: Annotated[str | None, typer.Option(help="Random-weight size (default OpenELM-270M).")] = None,
-    dtype: Annotated[str | None, typer.Option(help="bfloat16 (random default), float16 or float32.")] = None,
+    dtype: Annotated[str | None, typer.Option(help="float32, bfloat16 or float16 (default: bfloat16 weights, "
+                                                   "the backend's fastest compute for quantized ones).")] = None,
     q_bits: Annotated[int | None, typer.Option("-q", "--q-bits", help="Quantize in memory: 2-6 or 8 bits.")] = None,
     prompt_tokens: Annotated[int, typer.Option(help="Prompt length (random token ids).")] = 128,
     gen_tokens: Annotated[int, typer.Option(help="Tokens generated per trial (greedy).")] = 128,
@@ -119,11 +120,10 @@ def bench_command(
             bar.update(task, description=desc, completed=done, total=total)
 
         if sweep:
-            results = s.sweep(size_list, dtype=dtype or "bfloat16", progress=progress, **counts)
+            results = s.sweep(size_list, dtype=dtype, progress=progress, **counts)
         else:
             net, label = b.prepare_model(preset or "OpenELM-270M", model, dtype, q_bits)
-            results = [b.bench(net, label, q_bits=q_bits, q_group_size=64 if q_bits else None, progress=progress,
-                               **counts)]
+            results = [b.bench(net, label, q_bits=q_bits, q_group_size=64, progress=progress, **counts)]
     if sweep:
         s.write_sweep(results, out)
         typer.echo(s.sweep_markdown(results))

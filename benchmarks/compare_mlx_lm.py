@@ -4,7 +4,8 @@ One process, one saved model folder loaded by both projects, one random prompt, 
 trials alternating which side goes first. Prints prompt tok/s, generation tok/s, time to first token and peak
 memory for both with the ratios (ours / mlx-lm), checks that both generate identical tokens, and writes JSON
 into benchmarks/results/. Peak memory is each side's own: both models are resident, so the other model's
-bytes are taken out (peak during the trial - memory active before it + this side's weights).
+bytes are taken out (peak during the trial - memory active before it + this side's weights). Conversion peak
+memory against mlx_lm.convert comes from benchmarks/convert_memory.py (its JSON is read; --convert-memory runs it).
 
     python benchmarks/compare_mlx_lm.py --preset OpenELM-270M --dtype bfloat16 --trials 3
 """
@@ -12,7 +13,9 @@ bytes are taken out (peak during the trial - memory active before it + this side
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
+import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -20,6 +23,7 @@ from typing import Any
 
 import mlx.core as mx
 from mlx_lm.generate import generate_step as mlx_lm_generate_step
+from mlx_lm.generate import generation_stream as mlx_lm_stream
 from mlx_lm.utils import load_model as mlx_lm_load_model
 
 from mlx_openelm import load_model, save
@@ -41,13 +45,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--gen-tokens", type=int, default=128)
     p.add_argument("--trials", type=int, default=3)
     p.add_argument("--json", type=Path, default=None, help="output (default benchmarks/results/compare-*.json)")
+    p.add_argument("--convert-memory", metavar="PRESET", help="first run benchmarks/convert_memory.py for PRESET "
+                   "(conversion peak RSS against mlx_lm.convert; minutes, ~9 GB of disk); its latest JSON is "
+                   "included either way")
     return p.parse_args(argv)
 
 
-def _side(model: Any, step: Any, prompt: mx.array, gen_tokens: int) -> dict[str, Any]:
+def _side(model: Any, step: Any, stream: Any, prompt: mx.array, gen_tokens: int) -> dict[str, Any]:
     """One timed generation; the peak excludes the other side's resident weights."""
     before = mx.get_active_memory()
-    t = time_generation(model, prompt, gen_tokens, step)
+    t = time_generation(model, prompt, gen_tokens, step, stream=stream)
     own_peak = t.peak_memory_bytes - before + model_bytes(model)
     return {"prompt_tps": t.prompt_tps, "generation_tps": t.generation_tps, "ttft_s": t.ttft_s,
             "peak_memory_bytes": own_peak, "tokens": t.tokens}
@@ -68,10 +75,14 @@ def compare(args: argparse.Namespace) -> dict[str, Any]:
         if args.dtype:
             theirs.set_dtype(ours.transformer.norm.weight.dtype)
         mx.eval(theirs.parameters())
-    sides = {"mlx-openelm": (ours, None), "mlx-lm": (theirs, mlx_lm_generate_step)}
     prompt = mx.random.randint(0, ours.args.vocab_size, (args.prompt_tokens,), key=mx.random.key(0))
-    for model, step in sides.values():  # warm-up, discarded
-        time_generation(model, prompt, args.gen_tokens, step)
+    # Greedy tokens of random weights often repeat one id, so the logits of the prompt are compared too.
+    logits = [m(prompt[None]).astype(mx.float32) for m in (ours, theirs)]
+    logits_diff = mx.abs(logits[0] - logits[1]).max().item()
+    del logits
+    sides = {"mlx-openelm": (ours, None, None), "mlx-lm": (theirs, mlx_lm_generate_step, mlx_lm_stream)}
+    for model, step, stream in sides.values():  # warm-up, discarded
+        time_generation(model, prompt, args.gen_tokens, step, stream=stream)
     runs: dict[str, list[dict[str, Any]]] = {name: [] for name in sides}
     for i in range(args.trials):
         order = list(sides) if i % 2 == 0 else list(sides)[::-1]
@@ -86,10 +97,18 @@ def compare(args: argparse.Namespace) -> dict[str, Any]:
         "dtype": str(ours.transformer.norm.weight.dtype).removeprefix("mlx.core."), "q_bits": args.q_bits,
         "prompt_tokens": args.prompt_tokens, "gen_tokens": args.gen_tokens, "trials": runs, "median": median,
         "ratio": ratio, "model_bytes": {"mlx-openelm": model_bytes(ours), "mlx-lm": model_bytes(theirs)},
-        "identical_tokens": tokens["mlx-openelm"] == tokens["mlx-lm"],
+        "identical_tokens": tokens["mlx-openelm"] == tokens["mlx-lm"], "prompt_logits_max_abs_diff": logits_diff,
         "tokens": tokens["mlx-openelm"][0], "device": device_info(),
         "acceptance": {k: (ratio[k] >= v if op == ">=" else ratio[k] <= v) for k, (op, v) in THRESHOLDS.items()},
     }
+
+
+def conversion_memory(preset: str | None) -> list[dict[str, Any]]:
+    """The conversion peak-memory records of benchmarks/convert_memory.py (run first for ``preset`` if given)."""
+    if preset:
+        subprocess.run([sys.executable, str(Path(__file__).parent / "convert_memory.py"), "--preset", preset],
+                       check=True)
+    return [json.loads(p.read_text()) for p in sorted(RESULTS.glob("convert_memory_*.json"))]
 
 
 def table(record: dict[str, Any]) -> str:
@@ -122,7 +141,15 @@ def main(argv: list[str] | None = None) -> int:
           f"tokens, median of {args.trials} alternating trials; {d.get('chip') or d.get('cpu_model')}, "
           f"MLX {d['mlx_version']} ({d['backend']})")
     print(table(record))
-    print(f"identical greedy tokens: {record['identical_tokens']}")
+    print(f"identical greedy tokens: {record['identical_tokens']} ({len(set(record['tokens']))} distinct ids); "
+          f"prompt logits max |difference| {record['prompt_logits_max_abs_diff']:.3g}")
+    record["conversion_memory"] = conversion_memory(args.convert_memory)
+    for c in record["conversion_memory"]:
+        print(f"conversion peak RSS, {c['preset']} {c['conversion']}: mlx-openelm {c['ours']['peak_rss_mb']} MB, "
+              f"mlx_lm.convert {c['mlx_lm']['peak_rss_mb']} MB "
+              f"(ratio {c['ours']['peak_rss_mb'] / c['mlx_lm']['peak_rss_mb']:.3f})")
+    if not record["conversion_memory"]:
+        print("conversion peak memory: none recorded yet; add --convert-memory OpenELM-1_1B to measure it")
     write_json(out, record)
     print(f"wrote {out}")
     return 0 if record["identical_tokens"] else 2

@@ -19,12 +19,12 @@ from typing import Any
 import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten
-from mlx_lm.generate import generate_step  # TEMPORARY until mlx_openelm.generate exists
 
 from .cache import make_cache
 from .config import ModelArgs, preset
 from .device import device_info, memory_bandwidth
-from .load import load_model, random_model
+from .generate import generate_step, generation_stream
+from .load import auto_dtype, load_model, random_model, resolve_model
 
 # progress(description, done, total): called between tokens, never inside a timed MLX evaluation.
 Progress = Callable[[str, int, int], None]
@@ -99,10 +99,15 @@ def check_counts(prompt_tokens: int, gen_tokens: int, trials: int) -> None:
 
 def time_generation(
     model: nn.Module, prompt: mx.array, gen_tokens: int, step: StepFn | None = None, progress: Progress | None = None,
-    label: str = "",
+    label: str = "", stream: Any = None,
 ) -> Trial:
-    """Generate ``gen_tokens`` greedily after ``prompt`` through ``step`` (default: the project's generate_step)."""
-    step = step or generate_step
+    """Generate ``gen_tokens`` greedily after ``prompt`` through ``step`` (default: the project's generate_step).
+
+    ``stream``: the generator's stream (default: the project's), synchronized after the timing so that work a
+    generator queued ahead neither counts nor overlaps the next measurement.
+    """
+    step, stream = step or generate_step, stream or generation_stream
+    mx.synchronize(stream)
     mx.synchronize()
     mx.reset_peak_memory()
     tokens: list[int] = []
@@ -115,7 +120,7 @@ def time_generation(
         if progress and len(tokens) % _PROGRESS_EVERY == 0:
             progress(label, len(tokens), gen_tokens)
     end = time.perf_counter()
-    mx.synchronize()  # work the generator queued ahead ends before the peak is read (it is not timed)
+    mx.synchronize(stream)
     ttft = first - tic
     return Trial(
         prompt_tps=prompt.size / ttft,
@@ -172,14 +177,20 @@ def prepare_model(
     q_group_size: int = 64,
     seed: int = 0,
 ) -> tuple[nn.Module, str]:
-    """``(model, label)``: the converted ``model_dir`` if given, else random weights of ``size`` (a preset
-    name or ``ModelArgs``; bfloat16 unless ``dtype``), quantized in memory when ``q_bits`` is given."""
+    """``(model, label)``: the converted ``model_dir`` (or a repo id, converted on first use) if given, else
+    random weights of ``size`` (a preset name or ``ModelArgs``; bfloat16 unless ``dtype``), quantized in memory
+    when ``q_bits`` is given.
+
+    Without ``dtype`` the compute dtype is the project's default for loading (``"auto"``: on the CPU backend,
+    quantized models compute in float32).
+    """
     if q_bits is not None and q_bits not in Q_BITS:
         raise ValueError(f"--q-bits must be one of {', '.join(map(str, Q_BITS))}, got {q_bits}")
     if model_dir is not None:
-        if not Path(model_dir).is_dir():
-            raise FileNotFoundError(f"--model {model_dir} is not a folder: convert it first (mlx-openelm convert)")
-        model, label = load_model(model_dir, dtype=dtype), Path(model_dir).name
+        folder = resolve_model(model_dir)  # a repo id is converted once into the model cache
+        if not folder.is_dir():
+            raise FileNotFoundError(f"--model {model_dir} is neither a folder nor a repo id (apple/OpenELM-270M)")
+        model, label = load_model(folder, dtype=dtype or "auto"), folder.name
         if q_bits is not None and any(isinstance(m, nn.QuantizedLinear) for _, m in model.named_modules()):
             raise ValueError(f"{model_dir} is already quantized: drop --q-bits or benchmark an unquantized folder")
     else:
@@ -188,6 +199,8 @@ def prepare_model(
         model = random_model(args, dtype=dtype or "bfloat16", seed=seed)
     if q_bits is not None:
         nn.quantize(model, group_size=q_group_size, bits=q_bits)
+        if dtype is None and (fast := auto_dtype(model)) is not None:
+            model.set_dtype(fast)  # what loading a quantized folder does by default (dtype="auto")
         mx.eval(model.parameters())
     return model, label
 
@@ -213,17 +226,23 @@ def bench(
 ) -> BenchResult:
     """Warm up once (identical shapes, discarded), then time ``trials`` greedy generations of one random prompt.
 
-    ``device`` / ``bandwidth`` (GB/s, source) are measured when not given; a sweep passes them once.
+    ``device`` / ``bandwidth`` (GB/s, source) are measured when not given (the bandwidth right after the trials,
+    so that both see the same machine load); a sweep passes them once.
     """
     check_counts(prompt_tokens, gen_tokens, trials)
+    if prompt_tokens + gen_tokens > model.args.max_context_length:
+        raise ValueError(f"--prompt-tokens + --gen-tokens is {prompt_tokens + gen_tokens}, more than the model's "
+                         f"context of {model.args.max_context_length} tokens: lower them")
     device = device or device_info()
-    gbps, source = bandwidth or memory_bandwidth(device)
     prompt = mx.random.randint(0, model.args.vocab_size, (prompt_tokens,), key=mx.random.key(seed))
     warmup = time_generation(model, prompt, gen_tokens, step, progress, "warm-up")
     runs = [
         time_generation(model, prompt, gen_tokens, step, progress, f"trial {i + 1}/{trials}") for i in range(trials)
     ]
     kv = kv_bytes_per_token(model)
+    if progress and bandwidth is None:
+        progress("measuring memory bandwidth", 0, 1)
+    gbps, source = bandwidth or memory_bandwidth(device)  # measured after the trials, in the same conditions
     return BenchResult(
         model=label, dtype=_dtype_name(model), q_bits=q_bits, q_group_size=q_group_size if q_bits else None,
         prompt_tokens=prompt_tokens, gen_tokens=gen_tokens, warmup=warmup, trials=runs,

@@ -61,7 +61,7 @@ def precision_label(result: BenchResult) -> str:
 def sweep(
     sizes: list[str | ModelArgs] | None = None,
     *,
-    dtype: str = "bfloat16",
+    dtype: str | None = None,
     precisions: tuple[int | None, ...] = SWEEP_PRECISIONS,
     prompt_tokens: int = 128,
     gen_tokens: int = 128,
@@ -70,9 +70,10 @@ def sweep(
     seed: int = 0,
     progress: Progress | None = None,
 ) -> list[BenchResult]:
-    """Benchmark random weights of each size at each precision (``None`` = ``dtype`` unquantized).
+    """Benchmark random weights of each size at each precision (bits; ``None`` = unquantized).
 
-    ``sizes`` defaults to :func:`default_sizes` for this machine.
+    Weights are bfloat16 unless ``dtype``; without ``dtype`` quantized runs compute in the project's default
+    dtype for the backend (see :func:`prepare_model`). ``sizes`` defaults to :func:`default_sizes`.
     """
     check_counts(prompt_tokens, gen_tokens, trials)
     device = device_info()
@@ -83,7 +84,7 @@ def sweep(
     for size in sizes:
         for bits in precisions:
             model, label = prepare_model(size, None, dtype, bits, q_group_size, seed)
-            tag = f"{label} {f'{bits}-bit' if bits else dtype}"
+            tag = f"{label} {f'{bits}-bit' if bits else dtype or 'bfloat16'}"
             results.append(bench(
                 model, label, prompt_tokens=prompt_tokens, gen_tokens=gen_tokens, trials=trials, seed=seed,
                 q_bits=bits, q_group_size=q_group_size, device=device, bandwidth=bandwidth,
@@ -104,13 +105,13 @@ def sweep_markdown(results: list[BenchResult]) -> str:
         f"{r0.prompt_tokens} prompt + {r0.gen_tokens} generated tokens, median of {len(r0.trials)} trials "
         "after a warm-up; random weights, greedy.",
         "",
-        "| model | precision | params (M) | weights (GB) | prompt tok/s | generation tok/s | TTFT (s) "
-        "| peak memory (GB) | roofline |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|",
+        "| model | precision | compute dtype | params (M) | weights (GB) | prompt tok/s | generation tok/s "
+        "| TTFT (s) | peak memory (GB) | roofline |",
+        "|---|---|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in results:
         lines.append(
-            f"| {r.model} | {precision_label(r)} | {r.parameters / 1e6:.1f} | {r.model_bytes / 1e9:.3f} "
+            f"| {r.model} | {precision_label(r)} | {r.dtype} | {r.parameters / 1e6:.1f} | {r.model_bytes / 1e9:.3f} "
             f"| {r.median('prompt_tps'):.2f} | {r.median('generation_tps'):.2f} | {r.median('ttft_s'):.3f} "
             f"| {r.median('peak_memory_bytes') / 1e9:.3f} | {100 * r.roofline_fraction:.1f}% |"
         )

@@ -91,6 +91,12 @@ def test_quantized_in_memory():
     assert r.q_bits == 4 and r.to_dict()["q_group_size"] == 32
 
 
+def test_counts_must_fit_the_context(tiny_result):
+    model, _ = tiny_result
+    with pytest.raises(ValueError, match="context"):
+        bench(model, prompt_tokens=TINY_CONFIG["max_context_length"] - 1, gen_tokens=2, trials=1)
+
+
 def test_kv_bytes_follow_dtype():
     assert kv_bytes_per_token(random_model(tiny_args(), "bfloat16")) * 2 == kv_bytes_per_token(
         random_model(tiny_args(), "float32"))
