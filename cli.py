@@ -162,6 +162,8 @@ def generate_command(
     = None,
     kv_bits: Annotated[int | None, typer.Option(help="Quantize the KV cache: 4 or 8 bits.")] = None,
     dtype: Annotated[str, typer.Option(help="auto (per backend), float32, bfloat16 or float16.")] = "auto",
+    no_compile: Annotated[bool, typer.Option("--no-compile", help="Decode with the model's own uncompiled forward "
+                                                                  "pass (same tokens, slower).")] = False,
     json_out: Annotated[bool, typer.Option("--json", help="Print one JSON object instead of streaming.")] = False,
 ) -> None:
     """Generate text from a prompt: text streams to stdout, a stats line to stderr."""
@@ -180,7 +182,8 @@ def generate_command(
     net, tokenizer = load(resolve_model(model), dtype=dtype)
     responses = []
     for r in stream_generate(net, tokenizer, prompt, max_tokens=max_tokens, sampler=sampler, stop=stop or (),
-                             logits_processors=processors, max_kv_size=max_kv_size, kv_bits=kv_bits):
+                             logits_processors=processors, max_kv_size=max_kv_size, kv_bits=kv_bits,
+                             compile=not no_compile):
         responses.append(r)
         if not json_out:
             typer.echo(r.text, nl=False)

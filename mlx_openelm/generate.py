@@ -16,7 +16,8 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten
 
-from .cache import make_cache
+from .cache import is_fixed_capacity, make_cache
+from .decode import DecodeStep
 from .sample import LogitsProcessor, Sampler, greedy
 
 # A stream just for generation, so its work queues behind nothing else.
@@ -102,6 +103,7 @@ def generate_step(
     prompt_cache: list | None = None,
     max_kv_size: int | None = None,
     kv_bits: int | None = None,
+    compile: bool = True,
 ) -> Iterator[tuple[int, mx.array]]:
     """Yield ``(token id, logprobs[vocab])`` for each generated token, like mlx-lm's ``generate_step``.
 
@@ -110,6 +112,10 @@ def generate_step(
     ``make_cache``) is updated in place, so a conversation can continue from it; otherwise a cache is made
     with ``max_kv_size`` (a rotating window, generation may then pass the context limit) or ``kv_bits``
     (a quantized cache). Generation stops after ``max_tokens`` or at the model's context limit.
+
+    With a plain cache each token goes through the compiled decode step (:class:`~mlx_openelm.decode.DecodeStep`,
+    the cache sized once for the prompt and the budget); ``compile=False``, a rotating or a quantized cache
+    use the model's own forward pass instead. Both give the same tokens.
     """
     if prompt.ndim != 1:
         raise ValueError(f"prompt must be a 1-D array of token ids, got shape {tuple(prompt.shape)}")
@@ -120,11 +126,14 @@ def generate_step(
     sampler = sampler or greedy
     processors = list(logits_processors or [])
     history = prompt[:-1]  # the processors' view: every token fed to the model so far
+    decode = DecodeStep(model, cache) if compile and is_fixed_capacity(cache) else None
+    if decode:
+        decode.reserve(cache[0].offset + prompt.size + budget - 1)  # the last token is never fed back
 
     def step(tokens: mx.array) -> tuple[mx.array, mx.array]:
         nonlocal history
         with mx.stream(generation_stream):
-            logits = model(tokens, cache=cache)[:, -1, :]
+            logits = decode(tokens) if decode else model(tokens, cache=cache)[:, -1, :]
             if processors:
                 history = mx.concatenate([history, tokens[0].astype(history.dtype)])
                 for p in processors:

@@ -230,6 +230,7 @@ def _cli(monkeypatch, capsys, *args, stdin=None):
 def test_cli_streams_text_and_a_stats_line(monkeypatch, capsys, model_dir, tokenizer):
     code, out, err = _cli(monkeypatch, capsys, "--model", str(model_dir), "--prompt", "Hello", "-n", "12")
     assert code == 0 and out.endswith("\n")
+    assert _cli(monkeypatch, capsys, "-m", str(model_dir), "-p", "Hello", "-n", "12", "--no-compile")[1] == out
     assert "prompt:" in err and "tok/s" in err and "peak memory" in err
     code, out, _ = _cli(monkeypatch, capsys, "-m", str(model_dir), "-p", "-", "-n", "12", "--json",
                         stdin=io.StringIO("Hello"))
