@@ -2,13 +2,12 @@
 
 import json
 
-import mlx.core as mx
 import numpy as np
 from mlx.utils import tree_flatten
 from safetensors import safe_open
 from trained_model import MIN_MARGIN, NAME, greedy, load_checkpoint, margins
 
-from mlx_openelm import make_cache
+from mlx_openelm import stream_generate
 from mlx_openelm.config import layer_wise_scaling
 from mlx_openelm.tokenizer import Tokenizer
 
@@ -24,17 +23,16 @@ def test_greedy_decoding_reproduces_the_text(trained_checkpoint):
     assert t.prompt + " " + t.continuation == t.text
 
 
-def test_cached_greedy_decoding_reproduces_the_text(trained_checkpoint):
-    # The KV-cache path (prefill once, then one token per step) must agree with the full forward passes.
+def test_library_generation_reproduces_the_text(trained_checkpoint):
+    # The project's KV-cached generator (prefill once, one token per step) agrees with the full forward passes.
     t = trained_checkpoint
     model = load_checkpoint(t.path)
-    cache = make_cache(model)
-    logits = model(mx.array(t.prompt_ids)[None], cache=cache)
-    generated = []
-    for _ in t.continuation_ids:
-        generated.append(int(logits[0, -1].argmax().item()))
-        logits = model(mx.array([[generated[-1]]]), cache=cache)
-    assert generated == t.continuation_ids
+    tok = Tokenizer.from_file(t.path / "tokenizer.model")
+    for prompt_ids, continuation_ids in t.sequences():
+        responses = list(stream_generate(model, tok, prompt_ids, max_tokens=2 * len(continuation_ids)))
+        assert [r.token for r in responses] == continuation_ids
+        assert "".join(r.text for r in responses) == t.continuation
+        assert responses[-1].finish_reason == "stop"
 
 
 def test_exported_weights_keep_the_trained_margin(trained_checkpoint):

@@ -16,6 +16,7 @@ The session-scoped fixture ``trained_checkpoint`` reaches every test file throug
 
 from __future__ import annotations
 
+import functools
 import json
 import shutil
 import time
@@ -215,7 +216,14 @@ def build_trained_checkpoint(root: Path) -> TrainedCheckpoint:
     )
 
 
+@functools.cache
+def _built_once(session_temp: Path) -> TrainedCheckpoint:
+    return build_trained_checkpoint(session_temp / "trained")
+
+
 @pytest.fixture(scope="session")
 def trained_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> TrainedCheckpoint:
     """The memorizing model, trained and exported once per test session."""
-    return build_trained_checkpoint(tmp_path_factory.mktemp("trained"))
+    # A test module that imports this fixture registers its own copy, which pytest caches separately: keying on
+    # the session's temporary root keeps it to one training per session all the same.
+    return _built_once(tmp_path_factory.getbasetemp())
