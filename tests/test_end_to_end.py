@@ -6,6 +6,7 @@ the model's least top-1 margin, and not guaranteed for 4-bit, whose token agreem
 """
 
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -15,7 +16,6 @@ import numpy as np
 import pytest
 from trained_model import load_checkpoint, margins
 
-import cli
 from mlx_openelm import load_model
 from mlx_openelm.tokenizer import INSTRUCT_CHAT_TEMPLATE, load_tokenizer
 
@@ -34,19 +34,12 @@ CONVERSIONS = {
 MIN_4BIT_AGREEMENT = 0.9
 
 
-def _commands() -> set[str]:
-    return {c.name for c in cli.app.registered_commands}
-
-
-def needs_command(name: str) -> pytest.MarkDecorator:
-    """Skip while `mlx-openelm NAME` is not part of the CLI yet."""
-    return pytest.mark.skipif(name not in _commands(), reason=f"`mlx-openelm {name}` is not in the CLI yet")
-
-
 def mlx_openelm(*args: str, stdin: str = "") -> str:
     """Run the installed console script (beside this interpreter); its stdout, or fail with its stderr."""
-    script = Path(sys.executable).with_name("mlx-openelm")
-    result = subprocess.run([str(script), *args], input=stdin, capture_output=True, text=True, timeout=300)
+    beside = Path(sys.executable).with_name("mlx-openelm")
+    script = str(beside) if beside.is_file() else shutil.which("mlx-openelm")
+    assert script, "the mlx-openelm console script is not installed: pip install -e ."
+    result = subprocess.run([script, *args], input=stdin, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, f"mlx-openelm {' '.join(args)} exited {result.returncode}:\n{result.stderr}"
     return result.stdout
 
@@ -74,7 +67,6 @@ def _generate(model_dir: Path, trained, *options: str) -> str:
                        "--max-tokens", str(len(trained.continuation_ids) + 8), *options)
 
 
-@needs_command("convert")
 @pytest.mark.parametrize("name", ["bfloat16", "8-bit"])
 def test_quantization_error_is_below_half_the_least_margin(converted, trained_checkpoint, name):
     # Why bfloat16 and 8-bit reproduce the text exactly: if every logit moves by less than half the gap between
@@ -89,15 +81,11 @@ def test_quantization_error_is_below_half_the_least_margin(converted, trained_ch
         assert error.max() < least / 2, f"{name}: logit error {error.max():.2f}, least margin {least:.2f}"
 
 
-@needs_command("convert")
-@needs_command("generate")
 @pytest.mark.parametrize("name", ["bfloat16", "8-bit"])
 def test_generate_prints_the_memorized_text(converted, trained_checkpoint, name):
     assert _generate(converted(name), trained_checkpoint).strip() == trained_checkpoint.continuation
 
 
-@needs_command("convert")
-@needs_command("generate")
 def test_4bit_token_agreement(converted, trained_checkpoint, record_property):
     expected = trained_checkpoint.continuation_ids  # EOS included: the text must also end where it should
     out = _generate(converted("4-bit"), trained_checkpoint, "--json")
@@ -108,8 +96,6 @@ def test_4bit_token_agreement(converted, trained_checkpoint, record_property):
     assert agreement >= MIN_4BIT_AGREEMENT, f"4-bit reproduced {same} of {len(expected)} tokens: {out}"
 
 
-@needs_command("convert")
-@needs_command("chat")
 def test_chat_answers_with_the_continuation(converted, trained_checkpoint):
     # A base model has no template: one user message is the prompt as is. Each stdin line is a message;
     # /reset starts over, so the second answer comes from a cache trimmed back to the prompt and must match.
@@ -120,8 +106,6 @@ def test_chat_answers_with_the_continuation(converted, trained_checkpoint):
     assert replies == [trained_checkpoint.continuation] * 2
 
 
-@needs_command("convert")
-@needs_command("chat")
 def test_chat_through_the_instruct_template(converted, trained_checkpoint):
     # The "-Instruct" checkpoint converts with OpenELM-Instruct's template; the model learned that framing too.
     model_dir = converted("8-bit", instruct=True)

@@ -20,7 +20,6 @@ def test_greedy_decoding_reproduces_the_text(trained_checkpoint):
         generated = greedy(model, prompt_ids, tok.eos_id, max_tokens=2 * len(t.continuation_ids))
         assert generated[-1] == tok.eos_id, "the model must end the text with EOS"
         assert tok.decode(generated) == t.continuation
-    assert t.prompt + " " + t.continuation == t.text
 
 
 def test_library_generation_reproduces_the_text(trained_checkpoint):
