@@ -14,6 +14,7 @@ trace), so one trace serves every model of the same structure. The numerics foll
 from __future__ import annotations
 
 import functools
+import math
 import os
 import warnings
 from dataclasses import dataclass
@@ -25,16 +26,26 @@ import mlx.nn as nn
 from .cache import reserve
 
 _QUANTIZED = (nn.QuantizedLinear, nn.QuantizedEmbedding)
+# A matmul is split across lanes only when it is big enough to outweigh the cross-stream synchronisation.
+MIN_SPLIT = 1 << 20  # weights (rows x input features)
 Quant = tuple  # (group_size, bits, mode), or () for a dense weight
 
 
 def cpu_lanes() -> int:
-    """How many streams the decode step's matmuls are split across: the usable cores on the CPU backend
+    """How many streams the decode step's big matmuls are split across: the usable cores on the CPU backend
     (at most 8), 1 on a GPU."""
     if mx.default_device().type != mx.cpu:
         return 1
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
     return max(1, min(cores, 8))
+
+
+def attention_window(positions: int, capacity: int) -> int:
+    """The cache prefix a step attends to (a static shape, so one trace per window): ``positions`` rounded up
+    to a multiple of 64 up to 512, of 256 beyond, at most ``capacity``. MLX's CPU attention costs time in
+    proportion to the keys it reads, so attending to the whole capacity would waste it."""
+    step = 64 if positions <= 512 else 256
+    return min(capacity, -(-positions // step) * step)
 
 
 @functools.cache
@@ -54,6 +65,8 @@ class Plan:
     eps: float
     rope_base: float
     lanes: int
+    cpu: bool  # MLX's CPU backend composes RoPE and attention from small ops: fewer, hand-fused ones here
+    fold_scale: bool  # the query scale is a power of two: folded into the RoPE kernel without changing a bit
 
 
 def _quant(m: nn.Module) -> Quant:
@@ -67,14 +80,48 @@ def _arrays(m: nn.Module) -> list[mx.array]:
 
 def _lanes(m: nn.Module, n: int) -> list[list[mx.array]]:
     arrays = _arrays(m)
-    rows = arrays[0].shape[0]
+    rows, cols = arrays[0].shape
+    if rows * (cols * 32 // m.bits if isinstance(m, _QUANTIZED) else cols) < MIN_SPLIT:
+        n = 1
     cut = [rows * i // n for i in range(n + 1)]
     return [[a[cut[i] : cut[i + 1]] for a in arrays] for i in range(n)]
+
+
+def _swap_halves(x: mx.array) -> mx.array:
+    half = x.shape[-1] // 2
+    return mx.concatenate([x[..., half:], x[..., :half]], axis=-1)
+
+
+def _qk_norm_weights(attn: nn.Module, cpu: bool, fold_scale: bool) -> dict[str, mx.array]:
+    # q_norm's weight for every query head, then k_norm's for every KV head: one norm for both (float32, as the
+    # model computes them). On the CPU also the weight with halves swapped, and the query scale when a power of
+    # two (then folding it in before the 16-bit rounding changes no bit), for the fused RoPE below.
+    q = mx.broadcast_to(attn.q_norm.weight, (attn.n_heads, 1, attn.head_dim))
+    k = mx.broadcast_to(attn.k_norm.weight, (attn.n_kv_heads, 1, attn.head_dim))
+    w = {"qk_norm": mx.concatenate([q, k]).astype(mx.float32)}
+    if cpu:
+        w["qk_norm_swapped"] = _swap_halves(w["qk_norm"])
+        scale = attn.scale if fold_scale else 1.0
+        w["qk_scale"] = mx.array([scale] * attn.n_heads + [1.0] * attn.n_kv_heads)[:, None, None]
+    return w
+
+
+def _rope_table(args: Any) -> mx.array:
+    # cos and sin of every position's angles, computed exactly as MLX's CPU RoPE computes them, as [pos, 2, D]
+    # rows: [cos, cos] and [-sin, sin], so that rope(x) = x * row[0] + swap_halves(x) * row[1].
+    half = args.head_dim // 2
+    inv_freqs = mx.exp(mx.arange(0, -half, -1, dtype=mx.float32) * (math.log(args.rope_freq_constant) / half))
+    rows = max(args.max_context_length, args.rope_max_length)
+    theta = mx.arange(rows, dtype=mx.float32)[:, None] * inv_freqs[None]
+    cos, sin = mx.cos(theta), mx.sin(theta)
+    return mx.stack([mx.concatenate([cos, cos], -1), mx.concatenate([-sin, sin], -1)], axis=1)
 
 
 def plan_and_params(model: nn.Module, lanes: int) -> tuple[Plan, dict[str, Any]]:
     """The decode step's static plan and its weight inputs (row slices are views: no copies)."""
     a, t = model.args, model.transformer
+    cpu = mx.default_device().type == mx.cpu
+    fold_scale = math.log2(a.head_dim**-0.5).is_integer()
     linears = [(b.attn.qkv_proj, b.attn.out_proj, b.ffn.proj_1, b.ffn.proj_2) for b in t.layers]
     plan = Plan(
         heads=tuple(zip(a.num_query_heads, a.num_kv_heads)),
@@ -84,14 +131,16 @@ def plan_and_params(model: nn.Module, lanes: int) -> tuple[Plan, dict[str, Any]]
         eps=a.rms_norm_eps,
         rope_base=a.rope_freq_constant,
         lanes=lanes,
+        cpu=cpu,
+        fold_scale=fold_scale,
     )
     layers = [
-        {"attn_norm": b.attn_norm.weight, "q_norm": b.attn.q_norm.weight, "k_norm": b.attn.k_norm.weight,
-         "ffn_norm": b.ffn_norm.weight, "linears": [_lanes(m, lanes) for m in ms]}
+        {"attn_norm": b.attn_norm.weight, "ffn_norm": b.ffn_norm.weight, "linears": [_lanes(m, lanes) for m in ms],
+         **_qk_norm_weights(b.attn, cpu, fold_scale)}
         for b, ms in zip(t.layers, linears)
     ]
     params = {"embed": _arrays(t.token_embeddings), "head": _lanes(t.token_embeddings, lanes),
-              "norm": t.norm.weight, "layers": layers}
+              "norm": t.norm.weight, "layers": layers, **({"rope": _rope_table(a)} if cpu else {})}
     mx.eval(params)
     return plan, params
 
@@ -125,6 +174,18 @@ def _embed(tokens: mx.array, w: list[mx.array], quant: Quant) -> mx.array:
     return mx.dequantize(w[0][tokens], w[1][tokens], biases, group_size=group_size, bits=bits, mode=mode)
 
 
+def _attend(q: mx.array, keys: mx.array, values: mx.array, mask: mx.array, scale: float) -> mx.array:
+    """One query token's attention as MLX's CPU attention computes it, with each KV head's query group as the
+    rows of one matmul instead of a broadcast batch of single rows."""
+    B, nq, _, D = q.shape
+    q = q.reshape(B, keys.shape[1], -1, D)
+    if scale != 1.0:
+        q = q * scale
+    scores = q @ keys.swapaxes(-1, -2)
+    scores = mx.where(mask, scores, mx.array(mx.finfo(scores.dtype).min, scores.dtype))
+    return mx.softmax(scores, axis=-1, precise=True) @ values
+
+
 class _Traced:
     """One compiled step function per plan, shared by every model of that structure; counts its traces."""
 
@@ -137,27 +198,37 @@ class _Traced:
         self.traces += 1  # Python runs only while mx.compile traces: this counts (re)compilations
         return self.forward(*args)
 
-    def forward(self, tokens: mx.array, pos: mx.array, keys: list, values: list, params: dict) -> tuple:
-        """Logits ``[B, vocab]`` for ``tokens[B, 1]`` at position ``pos``, and the updated cache buffers."""
+    def forward(self, tokens: mx.array, pos: mx.array, window: int, keys: list, values: list, params: dict) -> tuple:
+        """Logits ``[B, vocab]`` for ``tokens[B, 1]`` at position ``pos`` (attending to the first ``window``
+        cache positions), and the updated cache buffers."""
         p, s = self.plan, self.streams
         B, D = tokens.shape[0], p.head_dim
         h = _embed(tokens, params["embed"], p.embed_quant)
-        mask = mx.arange(keys[0].shape[2]) <= pos
+        mask = mx.arange(window) <= pos
+        rope = params["rope"][pos] if p.cpu else None
         new_keys, new_values = [], []
         for lp, quant, (nq, nkv), k_cache, v_cache in zip(params["layers"], p.quant, p.heads, keys, values):
             qkv_w, out_w, up_w, down_w = lp["linears"]
             x = mx.fast.rms_norm(h, lp["attn_norm"], p.eps)
             # One token: [B, 1, heads * D] -> [B, heads, 1, D] is a reshape, no transpose.
-            q, k, v = mx.split(_linear(x, qkv_w, quant[0], s).reshape(B, -1, 1, D), [nq, nq + nkv], axis=1)
-            q = mx.fast.rms_norm(q.astype(mx.float32), lp["q_norm"], p.eps)
-            k = mx.fast.rms_norm(k.astype(mx.float32), lp["k_norm"], p.eps)
-            q = mx.fast.rope(q, D, traditional=False, base=p.rope_base, scale=1.0, offset=pos).astype(v.dtype)
-            k = mx.fast.rope(k, D, traditional=False, base=p.rope_base, scale=1.0, offset=pos).astype(v.dtype)
+            qk, v = mx.split(_linear(x, qkv_w, quant[0], s).reshape(B, -1, 1, D), [nq + nkv], axis=1)
+            # q and k together: one norm, one RoPE, in float32 like the model, rounded once.
+            qk = mx.fast.rms_norm(qk.astype(mx.float32), None, p.eps)
+            if p.cpu:  # RoPE from the table in one fused kernel, norm weight and query scale folded in
+                swapped = _swap_halves(qk) * lp["qk_norm_swapped"]
+                qk = (qk * lp["qk_norm"] * rope[0] + swapped * rope[1]) * lp["qk_scale"]
+            else:
+                qk = mx.fast.rope(qk * lp["qk_norm"], D, traditional=False, base=p.rope_base, scale=1.0, offset=pos)
+            q, k = mx.split(qk.astype(v.dtype), [nq], axis=1)
             k_cache = mx.slice_update(k_cache, k, pos, axes=(2,))
             v_cache = mx.slice_update(v_cache, v, pos, axes=(2,))
             new_keys.append(k_cache)
             new_values.append(v_cache)
-            out = mx.fast.scaled_dot_product_attention(q, k_cache, v_cache, scale=D**-0.5, mask=mask)
+            k_cache, v_cache = k_cache[:, :, :window], v_cache[:, :, :window]
+            if p.cpu:
+                out = _attend(q, k_cache, v_cache, mask, scale=1.0 if p.fold_scale else D**-0.5)
+            else:
+                out = mx.fast.scaled_dot_product_attention(q, k_cache, v_cache, scale=D**-0.5, mask=mask)
             h = h + _linear(out.reshape(B, 1, -1), out_w, quant[1], s)
             gate, up = mx.split(_linear(mx.fast.rms_norm(h, lp["ffn_norm"], p.eps), up_w, quant[2], s), 2, axis=-1)
             h = h + _linear(nn.silu(gate) * up, down_w, quant[3], s)
@@ -202,9 +273,11 @@ class DecodeStep:
         cache = self.cache
         if tokens.dtype != mx.uint32:  # the prompt's dtype and the sampler's may differ: one trace for both
             tokens = tokens.astype(mx.uint32)
-        self.reserve(cache[0].offset + 1, tokens.shape[0])
-        args = (tokens, mx.array(cache[0].offset, dtype=mx.int32), [c.keys for c in cache],
-                [c.values for c in cache], self.params)
+        offset = cache[0].offset
+        self.reserve(offset + 1, tokens.shape[0])
+        window = attention_window(offset + 1, cache[0].keys.shape[2])
+        args = (tokens, mx.array(offset, dtype=mx.int32), window, [c.keys for c in cache], [c.values for c in cache],
+                self.params)
         if not self.compiled:
             logits, keys, values = self.traced.forward(*args)
         else:

@@ -7,12 +7,17 @@ import pytest
 from tiny import tiny_args
 
 from mlx_openelm import generate_step, make_cache, random_model
-from mlx_openelm.decode import DecodeStep
+from mlx_openelm.decode import DecodeStep, attention_window
 
 
 def _model(dtype="float32", **overrides):
     # A distinct rope base gives a model a plan (structure) of its own, so its trace count starts at zero.
     return random_model(tiny_args(**overrides), dtype=dtype, seed=0)
+
+
+def _traces_expected(positions, capacity):
+    """One trace per (capacity, attention window) a run goes through; none per step."""
+    return len({(capacity(n), attention_window(n, capacity(n))) for n in positions})
 
 
 def _ids(batch, length, seed=0):
@@ -40,9 +45,9 @@ def test_compiled_step_matches_the_model_for_512_tokens_across_capacity_growth(b
     model = _model(rope_freq_constant=10001.0 + batch)
     worst, same, step, cache = _teacher_forced(model, _ids(batch, 8 + 512, seed=batch), prompt=8)
     assert same and worst < 1e-4
-    # Capacity grew 256 -> 512 -> 768 one token at a time: one trace per capacity, none per step.
+    # Capacity grew 256 -> 512 -> 768 one token at a time, the attention window in steps of 64 and 256.
     assert cache[0].keys.shape[2] == 768 and cache[0].offset == 8 + 512
-    assert step.traces == 3
+    assert step.traces == _traces_expected(range(8, 8 + 512), lambda n: max(256, -(-n // 256) * 256)) == 9
 
 
 def test_compiled_and_uncompiled_generation_give_the_same_512_greedy_tokens():
@@ -56,12 +61,12 @@ def test_compiled_and_uncompiled_generation_give_the_same_512_greedy_tokens():
 def test_one_trace_serves_every_generation_sized_within_one_capacity():
     model = _model(rope_freq_constant=10005.0)
     runs = [(_ids(1, 8, seed=1)[0], 200), (_ids(1, 30, seed=2)[0], 150), (_ids(1, 3, seed=3)[0], 60)]
-    for prompt, n in runs:  # every run fits a 256-token cache: the first traces, the others reuse it
+    for prompt, n in runs:  # every run fits a 256-token cache: the first traces its windows, the others reuse them
         assert len(list(generate_step(prompt, model, max_tokens=n))) == n
     cache = make_cache(model)
     list(generate_step(runs[0][0], model, max_tokens=200, prompt_cache=cache))
     assert cache[0].keys.shape[2] == 256
-    assert DecodeStep(model, make_cache(model)).traces == 1
+    assert DecodeStep(model, make_cache(model)).traces == _traces_expected(range(8, 8 + 200), lambda n: 256) == 4
 
 
 def test_eager_step_equals_compiled_step_and_lanes_change_nothing():

@@ -1,6 +1,7 @@
 import io
 import json
 import sys
+from pathlib import Path
 
 import mlx.core as mx
 import numpy as np
@@ -255,3 +256,21 @@ def test_cli_bad_input_is_one_line_and_exit_1(monkeypatch, capsys, model_dir, ar
         stdin = io.TextIOWrapper(io.BytesIO(b"\xff\xfe\xfa"), encoding="utf-8")
     code, out, err = _cli(monkeypatch, capsys, *args, stdin=stdin)
     assert code == 1 and err.startswith("error: ") and message in err and err.count("\n") == 1
+
+
+def test_resolve_model_uses_paths_as_given_and_converts_repo_ids_once(tmp_path, monkeypatch, model_dir):
+    import huggingface_hub.constants
+
+    from mlx_openelm.load import resolve_model
+
+    monkeypatch.setenv("MLX_OPENELM_HOME", str(tmp_path / "home"))
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    assert resolve_model(model_dir) == model_dir
+    assert resolve_model("./not/here") == Path("./not/here")  # a path: load reports it missing
+    done = tmp_path / "home" / "apple--OpenELM-270M-Instruct"
+    done.mkdir(parents=True)
+    (done / "config.json").write_text("{}")
+    assert resolve_model("apple/OpenELM-270M-Instruct") == done  # converted before: no conversion
+    with pytest.raises(FileNotFoundError, match="someone/absent"):
+        resolve_model("someone/absent")  # the converter's own error: offline and not in the hub cache
+    assert not (tmp_path / "home" / "someone--absent").exists()
