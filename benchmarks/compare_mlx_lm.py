@@ -63,7 +63,7 @@ def _side(model: Any, step: Any, stream: Any, prompt: mx.array, gen_tokens: int)
 def compare(args: argparse.Namespace) -> dict[str, Any]:
     """Build or read the weights, load them through both projects, alternate trials; the JSON record."""
     check_counts(args.prompt_tokens, args.gen_tokens, args.trials)
-    with tempfile.TemporaryDirectory(dir=RESULTS) as tmp:
+    with tempfile.TemporaryDirectory(prefix="compare-mlx-lm-") as tmp:
         folder = args.source_dir
         if folder is None:
             model, label = prepare_model(args.preset, None, args.dtype, args.q_bits)

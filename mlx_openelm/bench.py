@@ -268,11 +268,11 @@ def result_table(result: BenchResult) -> tuple[list[str], list[list[str]]]:
 def summary_lines(result: BenchResult) -> list[str]:
     """Model, device, byte counts and roofline as short lines."""
     d = result.device
-    quant = f", {result.q_bits}-bit (group {result.q_group_size})" if result.q_bits else ""
+    precision = f"{result.q_bits}-bit weights, group {result.q_group_size}; " if result.q_bits else ""
     chip = d.get("chip") or d.get("cpu_model") or d.get("device_name")
     cores = f", {d['gpu_cores']} GPU cores" if d.get("gpu_cores") else f", {d.get('cpu_count')} CPUs"
     return [
-        f"model: {result.model} ({result.dtype}{quant}), {result.parameters / 1e6:.1f}M parameters, "
+        f"model: {result.model} ({precision}{result.dtype} compute), {result.parameters / 1e6:.1f}M parameters, "
         f"{result.model_bytes / 1e9:.3f} GB; {result.prompt_tokens} prompt + {result.gen_tokens} generated tokens",
         f"device: {chip}{cores}; MLX {d['mlx_version']} ({d['backend']} backend)",
         f"decode reads {result.bytes_per_token / 1e9:.3f} GB/token (weights + KV at the midpoint); "

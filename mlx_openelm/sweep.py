@@ -73,13 +73,14 @@ def sweep(
     """Benchmark random weights of each size at each precision (bits; ``None`` = unquantized).
 
     Weights are bfloat16 unless ``dtype``; without ``dtype`` quantized runs compute in the project's default
-    dtype for the backend (see :func:`prepare_model`). ``sizes`` defaults to :func:`default_sizes`.
+    dtype for the backend (see :func:`prepare_model`). ``sizes`` defaults to :func:`default_sizes`. The
+    bandwidth is measured after each run's trials (a machine's load can change during a long sweep).
     """
     check_counts(prompt_tokens, gen_tokens, trials)
     device = device_info()
-    bandwidth = memory_bandwidth(device)
     if sizes is None:
-        sizes = default_sizes(device["memory_bytes"], bandwidth[0], prompt_tokens, gen_tokens, trials)
+        gbps = memory_bandwidth(device)[0]
+        sizes = default_sizes(device["memory_bytes"], gbps, prompt_tokens, gen_tokens, trials)
     results = []
     for size in sizes:
         for bits in precisions:
@@ -87,7 +88,7 @@ def sweep(
             tag = f"{label} {f'{bits}-bit' if bits else dtype or 'bfloat16'}"
             results.append(bench(
                 model, label, prompt_tokens=prompt_tokens, gen_tokens=gen_tokens, trials=trials, seed=seed,
-                q_bits=bits, q_group_size=q_group_size, device=device, bandwidth=bandwidth,
+                q_bits=bits, q_group_size=q_group_size, device=device,
                 progress=progress and (lambda desc, done, total, tag=tag: progress(f"{tag}: {desc}", done, total)),
             ))
             del model
@@ -99,9 +100,11 @@ def sweep_markdown(results: list[BenchResult]) -> str:
     """A Markdown table (median of the trials) with the device and settings above it."""
     r0 = results[0]
     d = r0.device
+    gbps = sorted({f"{r.bandwidth_gbps:.1f}" for r in results}, key=float)
     lines = [
         f"Device: {d.get('chip') or d.get('cpu_model') or d.get('device_name')}, MLX {d['mlx_version']} "
-        f"({d['backend']}); bandwidth {r0.bandwidth_gbps:.1f} GB/s ({r0.bandwidth_source}). "
+        f"({d['backend']}); bandwidth {' to '.join(dict.fromkeys([gbps[0], gbps[-1]]))} GB/s "
+        f"({r0.bandwidth_source}). "
         f"{r0.prompt_tokens} prompt + {r0.gen_tokens} generated tokens, median of {len(r0.trials)} trials "
         "after a warm-up; random weights, greedy.",
         "",
