@@ -2,14 +2,17 @@
 (layers, per-layer heads) but tiny widths (model_dim 64, head_dim 16, vocab 256), so a step is almost all
 host and kernel-launch overhead rather than arithmetic.
 
-Both sides load the same saved folder (mlx-lm through its own OpenELM class), get the same prompt and decode
-greedily through their own ``generate_step``, reading each token as a user would; timed blocks alternate which
-side goes first. Reports median ms per step and the median of the per-round ratios (ours / mlx-lm).
+Both sides load the same saved folder (mlx-lm through its own OpenELM class, ours with its default
+``dtype="auto"``), get the same prompt and decode greedily through their own ``generate_step``, reading each
+token as a user would; timed blocks alternate which side goes first. Reports median ms per step and the median
+of the per-round ratios (ours / mlx-lm). ``--full-size -q 4`` gives the real-size 4-bit comparison (a bfloat16
+model quantized, as the -Instruct checkpoints convert).
 
 ``--dtype-table`` instead times what ``dtype="auto"`` decides on: one 1280x5120 GEMV (the largest 270M
 matmul) dense and 4-bit in each float type, and a real-size OpenELM-270M decode step per choice.
 
     python benchmarks/overhead.py --sizes OpenELM-270M,OpenELM-1_1B,OpenELM-3B --rounds 7
+    python benchmarks/overhead.py --sizes OpenELM-270M --full-size -q 4 --steps 4 --rounds 3
     python benchmarks/overhead.py --dtype-table
 """
 
@@ -46,13 +49,22 @@ def ms_per_step(step_fn, model, prompt: mx.array, steps: int) -> float:
     return (time.perf_counter() - tic) / steps * 1e3
 
 
-def overhead(size: str, dtype: str, steps: int, rounds: int, prompt_tokens: int) -> dict:
-    """Alternating timed blocks of both sides on the structure-only model of ``size``."""
+def overhead(size: str, dtype: str, steps: int, rounds: int, prompt_tokens: int, full_size: bool = False,
+             q_bits: int | None = None) -> dict:
+    """Alternating timed blocks of both sides on the structure-only (or ``full_size``) model of ``size``,
+    quantized with ``q_bits`` (group 64) if given. Both load the same saved folder; ours with its default
+    ``dtype="auto"``, mlx-lm as stored."""
     with tempfile.TemporaryDirectory() as tmp:
-        folder = save(random_model(preset(size, **TINY), dtype=dtype), Path(tmp) / "model")
-        sides = {"mlx-openelm": (load_model(folder), generate_step),
+        model = random_model(preset(size, **({} if full_size else TINY)), dtype=dtype)
+        config = {}
+        if q_bits:
+            nn.quantize(model, group_size=64, bits=q_bits)
+            config = {"quantization": {"group_size": 64, "bits": q_bits, "mode": "affine"}}
+        folder = save(model, Path(tmp) / "model", config=config)
+        del model
+        sides = {"mlx-openelm": (load_model(folder, dtype="auto"), generate_step),
                  "mlx-lm": (mlx_lm_load_model(folder)[0], mlx_lm_generate_step)}
-    prompt = mx.random.randint(0, TINY["vocab_size"], (prompt_tokens,), key=mx.random.key(0))
+    prompt = mx.random.randint(0, sides["mlx-lm"][0].args.vocab_size, (prompt_tokens,), key=mx.random.key(0))
     for model, fn in sides.values():  # warm-up: traces, allocations
         ms_per_step(fn, model, prompt, steps)
     times: dict[str, list[float]] = {name: [] for name in sides}
@@ -60,7 +72,8 @@ def overhead(size: str, dtype: str, steps: int, rounds: int, prompt_tokens: int)
         for name in list(sides)[:: 1 if r % 2 == 0 else -1]:
             times[name].append(ms_per_step(sides[name][1], sides[name][0], prompt, steps))
     ratios = [a / b for a, b in zip(times["mlx-openelm"], times["mlx-lm"])]
-    return {"size": size, "dtype": dtype, "steps": steps, "prompt_tokens": prompt_tokens, "rounds": rounds,
+    return {"size": size, "dtype": dtype, "q_bits": q_bits, "full_size": full_size, "steps": steps,
+            "prompt_tokens": prompt_tokens, "rounds": rounds,
             "layers": len(sides["mlx-lm"][0].layers), "ms_per_step": times,
             "median_ms": {k: statistics.median(v) for k, v in times.items()}, "ratio": statistics.median(ratios)}
 
@@ -113,6 +126,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--steps", type=int, default=64, help="decode steps per timed block")
     p.add_argument("--prompt-tokens", type=int, default=16)
     p.add_argument("--rounds", type=int, default=5, help="alternating timed blocks per side")
+    p.add_argument("--full-size", action="store_true", help="real widths instead of the tiny structure-only ones")
+    p.add_argument("-q", "--q-bits", type=int, default=None, help="quantize the saved model (group 64)")
     p.add_argument("--dtype-table", action="store_true", help="time the choices dtype=auto makes instead")
     p.add_argument("--json", type=Path, default=None, help="output (default benchmarks/results/overhead*.json)")
     args = p.parse_args(argv)
@@ -126,14 +141,18 @@ def main(argv: list[str] | None = None) -> int:
             print(f"| {r['weights']} | {r['dtype']} | {r['gemv_ms']:.2f} | {r['decode_ms']:.1f} |")
         out = args.json or RESULTS / "overhead-dtype-table.json"
     else:
-        runs = [overhead(s, args.dtype, args.steps, args.rounds, args.prompt_tokens) for s in args.sizes.split(",")]
+        runs = [overhead(s, args.dtype, args.steps, args.rounds, args.prompt_tokens, args.full_size, args.q_bits)
+                for s in args.sizes.split(",")]
         record = {"overhead": runs, "device": device}
-        print(f"| structure ({args.dtype}, tiny widths) | layers | mlx-openelm ms/step | mlx-lm ms/step | ratio |")
+        bits = f", {args.q_bits}-bit" if args.q_bits else ""
+        kind = f"{args.dtype}{bits}, {'full' if args.full_size else 'tiny'} widths"
+        print(f"| model ({kind}) | layers | mlx-openelm ms/step | mlx-lm ms/step | ratio |")
         print("|---|---:|---:|---:|---:|")
         for r in runs:
             m = r["median_ms"]
             print(f"| {r['size']} | {r['layers']} | {m['mlx-openelm']:.2f} | {m['mlx-lm']:.2f} | {r['ratio']:.3f} |")
-        out = args.json or RESULTS / f"overhead-{args.dtype}.json"
+        name = f"{args.dtype}{f'-{args.q_bits}bit' if args.q_bits else ''}{'-full' if args.full_size else ''}"
+        out = args.json or RESULTS / f"overhead-{name}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(record, indent=2) + "\n")
     print(f"wrote {out}")

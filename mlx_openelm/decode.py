@@ -106,15 +106,17 @@ def _qk_norm_weights(attn: nn.Module, cpu: bool, fold_scale: bool) -> dict[str, 
     return w
 
 
-def _rope_table(args: Any) -> mx.array:
+@functools.lru_cache(maxsize=8)
+def _rope_table(head_dim: int, base: float, rows: int) -> mx.array:
     # cos and sin of every position's angles, computed exactly as MLX's CPU RoPE computes them, as [pos, 2, D]
     # rows: [cos, cos] and [-sin, sin], so that rope(x) = x * row[0] + swap_halves(x) * row[1].
-    half = args.head_dim // 2
-    inv_freqs = mx.exp(mx.arange(0, -half, -1, dtype=mx.float32) * (math.log(args.rope_freq_constant) / half))
-    rows = max(args.max_context_length, args.rope_max_length)
+    half = head_dim // 2
+    inv_freqs = mx.exp(mx.arange(0, -half, -1, dtype=mx.float32) * (math.log(base) / half))
     theta = mx.arange(rows, dtype=mx.float32)[:, None] * inv_freqs[None]
     cos, sin = mx.cos(theta), mx.sin(theta)
-    return mx.stack([mx.concatenate([cos, cos], -1), mx.concatenate([-sin, sin], -1)], axis=1)
+    table = mx.stack([mx.concatenate([cos, cos], -1), mx.concatenate([-sin, sin], -1)], axis=1)
+    mx.eval(table)
+    return table
 
 
 def plan_and_params(model: nn.Module, lanes: int) -> tuple[Plan, dict[str, Any]]:
@@ -140,7 +142,10 @@ def plan_and_params(model: nn.Module, lanes: int) -> tuple[Plan, dict[str, Any]]
         for b, ms in zip(t.layers, linears)
     ]
     params = {"embed": _arrays(t.token_embeddings), "head": _lanes(t.token_embeddings, lanes),
-              "norm": t.norm.weight, "layers": layers, **({"rope": _rope_table(a)} if cpu else {})}
+              "norm": t.norm.weight, "layers": layers}
+    if cpu:
+        rows = max(a.max_context_length, a.rope_max_length)
+        params["rope"] = _rope_table(a.head_dim, a.rope_freq_constant, rows)
     mx.eval(params)
     return plan, params
 
@@ -175,15 +180,17 @@ def _embed(tokens: mx.array, w: list[mx.array], quant: Quant) -> mx.array:
 
 
 def _attend(q: mx.array, keys: mx.array, values: mx.array, mask: mx.array, scale: float) -> mx.array:
-    """One query token's attention as MLX's CPU attention computes it, with each KV head's query group as the
-    rows of one matmul instead of a broadcast batch of single rows."""
-    B, nq, _, D = q.shape
-    q = q.reshape(B, keys.shape[1], -1, D)
+    """Attention as MLX's CPU attention computes it, with each KV head's query group as the rows of one matmul
+    instead of a broadcast batch of single rows. ``q`` is ``[B, heads, L, D]``, ``mask`` ``[L, keys]``."""
+    B, nq, L, D = q.shape
+    nkv, W = keys.shape[1], keys.shape[2]
+    q = q.reshape(B, nkv, -1, D)
     if scale != 1.0:
         q = q * scale
-    scores = q @ keys.swapaxes(-1, -2)
+    scores = (q @ keys.swapaxes(-1, -2)).reshape(B, nkv, -1, L, W)
     scores = mx.where(mask, scores, mx.array(mx.finfo(scores.dtype).min, scores.dtype))
-    return mx.softmax(scores, axis=-1, precise=True) @ values
+    probs = mx.softmax(scores, axis=-1, precise=True).reshape(B, nkv, -1, W)
+    return (probs @ values).reshape(B, nq, L, D)
 
 
 class _Traced:
@@ -199,24 +206,29 @@ class _Traced:
         return self.forward(*args)
 
     def forward(self, tokens: mx.array, pos: mx.array, window: int, keys: list, values: list, params: dict) -> tuple:
-        """Logits ``[B, vocab]`` for ``tokens[B, 1]`` at position ``pos`` (attending to the first ``window``
-        cache positions), and the updated cache buffers."""
+        """Logits ``[B, vocab]`` of the last of ``tokens[B, L]``, placed from position ``pos`` (attending to the
+        first ``window`` cache positions), and the updated cache buffers."""
         p, s = self.plan, self.streams
-        B, D = tokens.shape[0], p.head_dim
+        (B, L), D = tokens.shape, p.head_dim
         h = _embed(tokens, params["embed"], p.embed_quant)
-        mask = mx.arange(window) <= pos
-        rope = params["rope"][pos] if p.cpu else None
+        positions = pos + mx.arange(L)
+        mask = mx.arange(window)[None] <= positions[:, None]
+        if p.cpu:
+            rope = params["rope"][positions]
+            cos, sin = rope[:, 0], rope[:, 1]
         new_keys, new_values = [], []
         for lp, quant, (nq, nkv), k_cache, v_cache in zip(params["layers"], p.quant, p.heads, keys, values):
             qkv_w, out_w, up_w, down_w = lp["linears"]
             x = mx.fast.rms_norm(h, lp["attn_norm"], p.eps)
+            qkv = _linear(x, qkv_w, quant[0], s)
             # One token: [B, 1, heads * D] -> [B, heads, 1, D] is a reshape, no transpose.
-            qk, v = mx.split(_linear(x, qkv_w, quant[0], s).reshape(B, -1, 1, D), [nq + nkv], axis=1)
+            qkv = qkv.reshape(B, -1, 1, D) if L == 1 else qkv.reshape(B, L, -1, D).transpose(0, 2, 1, 3)
+            qk, v = mx.split(qkv, [nq + nkv], axis=1)
             # q and k together: one norm, one RoPE, in float32 like the model, rounded once.
             qk = mx.fast.rms_norm(qk.astype(mx.float32), None, p.eps)
             if p.cpu:  # RoPE from the table in one fused kernel, norm weight and query scale folded in
                 swapped = _swap_halves(qk) * lp["qk_norm_swapped"]
-                qk = (qk * lp["qk_norm"] * rope[0] + swapped * rope[1]) * lp["qk_scale"]
+                qk = (qk * lp["qk_norm"] * cos + swapped * sin) * lp["qk_scale"]
             else:
                 qk = mx.fast.rope(qk * lp["qk_norm"], D, traditional=False, base=p.rope_base, scale=1.0, offset=pos)
             q, k = mx.split(qk.astype(v.dtype), [nq], axis=1)
@@ -229,10 +241,11 @@ class _Traced:
                 out = _attend(q, k_cache, v_cache, mask, scale=1.0 if p.fold_scale else D**-0.5)
             else:
                 out = mx.fast.scaled_dot_product_attention(q, k_cache, v_cache, scale=D**-0.5, mask=mask)
-            h = h + _linear(out.reshape(B, 1, -1), out_w, quant[1], s)
+            out = out.reshape(B, 1, -1) if L == 1 else out.transpose(0, 2, 1, 3).reshape(B, L, -1)
+            h = h + _linear(out, out_w, quant[1], s)
             gate, up = mx.split(_linear(mx.fast.rms_norm(h, lp["ffn_norm"], p.eps), up_w, quant[2], s), 2, axis=-1)
             h = h + _linear(nn.silu(gate) * up, down_w, quant[3], s)
-        logits = _linear(mx.fast.rms_norm(h, params["norm"], p.eps), params["head"], p.embed_quant, s)
+        logits = _linear(mx.fast.rms_norm(h[:, -1:], params["norm"], p.eps), params["head"], p.embed_quant, s)
         return logits[:, 0, :], new_keys, new_values
 
 
@@ -255,6 +268,7 @@ class DecodeStep:
         self.traced = _traced(plan)
         self.compiled = compile
         self.fallback = False
+        self.max_positions = max(model.args.max_context_length, model.args.rope_max_length)
         emb = model.transformer.token_embeddings
         self.dtype = (emb.scales if isinstance(emb, _QUANTIZED) else emb.weight).dtype
 
@@ -268,26 +282,38 @@ class DecodeStep:
         reserve(self.cache, tokens, self.model.args, batch, self.dtype)
 
     def __call__(self, tokens: mx.array) -> mx.array:
+        """Logits ``[B, vocab]`` after ``tokens[B, 1]``, through the compiled step (unless ``compile=False``)."""
+        return self._run(tokens, self.compiled)
+
+    def prefill(self, tokens: mx.array) -> mx.array:
+        """Put ``tokens[B, L]`` into the cache through the same step run op by op (its length varies, so it is
+        not compiled; its matmuls are big enough that the host work does not matter). Logits of the last."""
+        return self._run(tokens, False)
+
+    def _run(self, tokens: mx.array, compiled: bool) -> mx.array:
         if self.fallback:
             return self.model(tokens, cache=self.cache)[:, -1, :]
         cache = self.cache
         if tokens.dtype != mx.uint32:  # the prompt's dtype and the sampler's may differ: one trace for both
             tokens = tokens.astype(mx.uint32)
-        offset = cache[0].offset
-        self.reserve(offset + 1, tokens.shape[0])
-        window = attention_window(offset + 1, cache[0].keys.shape[2])
+        (B, L), offset = tokens.shape, cache[0].offset
+        if offset + L > self.max_positions:
+            raise ValueError(f"position {offset + L} is past the {self.max_positions} the model supports")
+        if cache[0].keys is None or offset + L > cache[0].keys.shape[2]:
+            self.reserve(offset + L, B)
+        window = attention_window(offset + L, cache[0].keys.shape[2])
         args = (tokens, mx.array(offset, dtype=mx.int32), window, [c.keys for c in cache], [c.values for c in cache],
                 self.params)
-        if not self.compiled:
+        if not compiled:
             logits, keys, values = self.traced.forward(*args)
         else:
             try:
                 logits, keys, values = self.traced.fn(*args)
             except Exception as e:  # whatever a backend cannot compile, the model's own path computes the same
-                warnings.warn(f"compiled decode step unavailable ({e}); using the uncompiled path", stacklevel=2)
+                warnings.warn(f"compiled decode step unavailable ({e}); using the uncompiled path", stacklevel=3)
                 self.fallback = True
-                return self(tokens)
+                return self._run(tokens, False)
         for c, k, v in zip(cache, keys, values):
             c.keys, c.values = k, v
-            c.offset += 1
+            c.offset += L
         return logits

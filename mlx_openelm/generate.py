@@ -113,9 +113,9 @@ def generate_step(
     with ``max_kv_size`` (a rotating window, generation may then pass the context limit) or ``kv_bits``
     (a quantized cache). Generation stops after ``max_tokens`` or at the model's context limit.
 
-    With a plain cache each token goes through the compiled decode step (:class:`~mlx_openelm.decode.DecodeStep`,
-    the cache sized once for the prompt and the budget); ``compile=False``, a rotating or a quantized cache
-    use the model's own forward pass instead. Both give the same tokens.
+    With a plain cache the prompt and each token go through :class:`~mlx_openelm.decode.DecodeStep` (compiled
+    for the tokens, the cache sized once for the prompt and the budget); ``compile=False``, a rotating or a
+    quantized cache use the model's own forward pass instead. Both give the same tokens.
     """
     if prompt.ndim != 1:
         raise ValueError(f"prompt must be a 1-D array of token ids, got shape {tuple(prompt.shape)}")
@@ -144,7 +144,11 @@ def generate_step(
     with wired_limit(model, _kv_bytes(model, prompt.size + budget)):
         with mx.stream(generation_stream):
             for start in range(0, prompt.size - 1, prefill_step_size):
-                model(prompt[None, start : min(start + prefill_step_size, prompt.size - 1)], cache=cache)
+                chunk = prompt[None, start : min(start + prefill_step_size, prompt.size - 1)]
+                if decode:
+                    decode.prefill(chunk)
+                else:
+                    model(chunk, cache=cache)
                 mx.eval([c.state for c in cache])
         y, logprobs = step(prompt[None, -1:])
         mx.async_eval(y, logprobs)

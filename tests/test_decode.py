@@ -111,3 +111,22 @@ def test_falls_back_to_the_model_path_when_compiling_fails(monkeypatch):
         tokens = [t for t, _ in generate_step(prompt, model, max_tokens=24)]
     assert any("uncompiled path" in str(w.message) for w in caught)
     assert tokens == [t for t, _ in generate_step(prompt, model, max_tokens=24, compile=False)]
+
+
+@pytest.mark.parametrize("dtype, tol", [("float32", 1e-4), ("bfloat16", 0.1)])
+def test_prefill_through_the_step_matches_the_model(dtype, tol):
+    model = _model(dtype, rope_freq_constant=10010.0)
+    tokens = _ids(2, 150, seed=8)
+    plain, fast = make_cache(model), make_cache(model)
+    step = DecodeStep(model, fast, lanes=2)
+    chunks = [(0, 70), (70, 149)]  # chunked like generate_step, the second chunk attending to the first
+    for a, b in chunks:
+        expected = model(tokens[:, a:b], cache=plain)[:, -1, :]
+        got = step.prefill(tokens[:, a:b])
+        assert mx.abs(expected.astype(mx.float32) - got.astype(mx.float32)).max().item() < tol
+    assert fast[0].offset == plain[0].offset == 149
+    for p, f in zip(plain, fast):
+        assert mx.abs(p.keys[..., :149, :] - f.keys[..., :149, :]).max().item() < tol
+        assert mx.abs(p.values[..., :149, :] - f.values[..., :149, :]).max().item() < tol
+    last = tokens[:, 149:]
+    assert mx.array_equal(mx.argmax(step(last), -1), mx.argmax(model(last, cache=plain)[:, -1, :], -1))
