@@ -1,14 +1,16 @@
-"""A compiled single-token decode step over fixed-capacity KV caches, its matmuls split across CPU cores.
+"""A compiled decode step over fixed-capacity KV caches, with its matmuls split across CPU cores.
 
-mlx-lm runs each decode step op by op from Python; for OpenELM's small models that host overhead is a large
-part of a step. Here one ``mx.compile`` trace serves every step: the position is an ``mx.array`` (an integer
-would be baked into the trace), the caches are preallocated ``[B, kv_heads, capacity, head_dim]`` buffers
-written in place with ``slice_update`` and read through a mask, so the shapes change only when the capacity
-grows (in steps of 256 tokens, or sized up front from the prompt and the token budget).
+mlx-lm runs each decode step op by op from Python; for OpenELM's small models that overhead is a large part of
+a step. Here one ``mx.compile`` trace serves many steps: the position is an ``mx.array`` (an integer would be
+baked into the trace), the caches are preallocated ``[B, kv_heads, capacity, head_dim]`` buffers written in
+place with ``slice_update`` (sized up front from the prompt and the token budget, else grown in steps of 256),
+and attention reads a masked prefix whose length grows in coarse steps (:func:`attention_window`), so a new
+trace is needed only every 64 or 256 tokens. The weights are inputs, not constants baked into the trace, so
+one trace serves every model of the same structure. The numerics follow ``model.py``.
 
-MLX's CPU backend runs each op on one thread per stream, so on the CPU the step's matmuls are split by output
-rows across one stream per core ("lanes"). The step takes the weights as inputs (no constants baked into the
-trace), so one trace serves every model of the same structure. The numerics follow ``model.py`` op for op.
+On MLX's CPU backend each stream runs its ops on one thread, so the big matmuls are split by output rows across
+one stream per core ("lanes"), for the prompt too; and RoPE and attention, which that backend composes from many
+small ops, are computed with fewer, hand-fused ones (bit for bit the same RoPE).
 """
 
 from __future__ import annotations
@@ -256,7 +258,8 @@ def _traced(plan: Plan) -> _Traced:
 
 class DecodeStep:
     """``step(tokens[B, 1]) -> logits[B, vocab]``: one decode step of ``model`` over ``cache`` (plain
-    ``KVCache``s, from ``make_cache``), which it grows when full and advances by one token.
+    ``KVCache``s, from ``make_cache``), which it grows when full and advances; ``step.prefill(tokens[B, L])``
+    puts a prompt chunk in first.
 
     ``compile=False`` runs the same step op by op; ``lanes`` defaults to :func:`cpu_lanes`. If compiling
     fails (a backend without support), the step warns once and falls back to the model's own forward pass.

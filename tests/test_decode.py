@@ -130,3 +130,25 @@ def test_prefill_through_the_step_matches_the_model(dtype, tol):
         assert mx.abs(p.values[..., :149, :] - f.values[..., :149, :]).max().item() < tol
     last = tokens[:, 149:]
     assert mx.array_equal(mx.argmax(step(last), -1), mx.argmax(model(last, cache=plain)[:, -1, :], -1))
+
+
+@pytest.mark.parametrize("stored, quantize, on_cpu", [
+    ("bfloat16", True, mx.float32), ("bfloat16", False, mx.bfloat16), ("float16", False, mx.float32),
+    ("float32", False, mx.float32),
+])
+def test_dtype_auto_computes_in_float32_on_the_cpu_unless_dense_bfloat16(tmp_path, stored, quantize, on_cpu):
+    from mlx_openelm import load_model, save
+
+    model = _model(stored)
+    config = {}
+    if quantize:
+        nn.quantize(model, group_size=32, bits=4)
+        config = {"quantization": {"group_size": 32, "bits": 4, "mode": "affine"}}
+    folder = save(model, tmp_path / "model", config=config)
+    auto = load_model(folder, dtype="auto")
+    expected = on_cpu if mx.default_device().type == mx.cpu else getattr(mx, stored)
+    assert auto.transformer.norm.weight.dtype == expected
+    assert load_model(folder).transformer.norm.weight.dtype == getattr(mx, stored)  # None keeps what is stored
+    if quantize:
+        assert auto.layers[0].attn.qkv_proj.scales.dtype == expected
+        assert auto.layers[0].attn.qkv_proj.weight.dtype == mx.uint32  # packed weights stay packed
