@@ -18,6 +18,7 @@ from mlx.utils import tree_flatten
 
 from .cache import is_fixed_capacity, make_cache
 from .decode import DecodeStep
+from .model import Model
 from .sample import LogitsProcessor, Sampler, greedy
 
 # A stream just for generation, so its work queues behind nothing else.
@@ -54,7 +55,9 @@ def token_budget(model: nn.Module, prompt_tokens: int, max_tokens: int, cache: l
     if prompt_tokens < 1:
         raise ValueError("the prompt is empty: give at least one token")
     held = cache[0].offset if cache else 0
-    limit = model.args.max_context_length
+    limit = getattr(model.args, "max_context_length", None)  # mlx-lm's model class does not record it
+    if limit is None:
+        return max_tokens
     if held + prompt_tokens >= limit:
         where = f" after {held} cached tokens" if held else ""
         raise ValueError(f"the prompt has {prompt_tokens} tokens{where} but the model's context holds {limit}: "
@@ -113,9 +116,10 @@ def generate_step(
     with ``max_kv_size`` (a rotating window, generation may then pass the context limit) or ``kv_bits``
     (a quantized cache). Generation stops after ``max_tokens`` or at the model's context limit.
 
-    With a plain cache the prompt and each token go through :class:`~mlx_openelm.decode.DecodeStep` (compiled
-    for the tokens, the cache sized once for the prompt and the budget); ``compile=False``, a rotating or a
-    quantized cache use the model's own forward pass instead. Both give the same tokens.
+    For this project's ``Model`` with a plain cache, the prompt and each token go through
+    :class:`~mlx_openelm.decode.DecodeStep` (compiled for the tokens, the cache sized once for the prompt and
+    the budget); ``compile=False``, a rotating or quantized cache, or another model class use the model's own
+    forward pass instead. Both give the same tokens.
     """
     if prompt.ndim != 1:
         raise ValueError(f"prompt must be a 1-D array of token ids, got shape {tuple(prompt.shape)}")
@@ -126,7 +130,9 @@ def generate_step(
     sampler = sampler or greedy
     processors = list(logits_processors or [])
     history = prompt[:-1]  # the processors' view: every token fed to the model so far
-    decode = DecodeStep(model, cache) if compile and is_fixed_capacity(cache) else None
+    # The step reimplements this project's Model; any other model (a wrapper, mlx-lm's class) runs as it is.
+    fast = compile and isinstance(model, Model) and is_fixed_capacity(cache)
+    decode = DecodeStep(model, cache) if fast else None
     if decode:
         decode.reserve(cache[0].offset + prompt.size + budget - 1)  # the last token is never fed back
 

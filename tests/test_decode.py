@@ -152,3 +152,15 @@ def test_dtype_auto_computes_in_float32_on_the_cpu_unless_dense_bfloat16(tmp_pat
     if quantize:
         assert auto.layers[0].attn.qkv_proj.scales.dtype == expected
         assert auto.layers[0].attn.qkv_proj.weight.dtype == mx.uint32  # packed weights stay packed
+
+
+def test_other_model_classes_run_through_their_own_forward(tmp_path):
+    from mlx_lm.utils import load_model as mlx_lm_load_model
+
+    from mlx_openelm import save
+
+    model = _model(rope_freq_constant=10011.0)
+    theirs, _ = mlx_lm_load_model(save(model, tmp_path / "model"))  # mlx-lm's own OpenELM class, same weights
+    prompt = _ids(1, 12, seed=9)[0]
+    assert [t for t, _ in generate_step(prompt, theirs, max_tokens=20)] == [
+        t for t, _ in generate_step(prompt, model, max_tokens=20)]
