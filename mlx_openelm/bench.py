@@ -13,6 +13,7 @@ import tempfile
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +21,7 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten
 
+from . import __version__
 from .cache import make_cache
 from .config import ModelArgs, preset
 from .device import device_info, memory_bandwidth
@@ -84,6 +86,8 @@ class BenchResult:
         out["median"] = {k: self.median(k) for k in keys}
         out["roofline_fraction"] = self.roofline_fraction
         out["generator"] = f"{generate_step.__module__}.{generate_step.__qualname__}"
+        out["mlx_openelm_version"] = __version__
+        out["created"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
         return out
 
 
@@ -226,8 +230,8 @@ def bench(
 ) -> BenchResult:
     """Warm up once (identical shapes, discarded), then time ``trials`` greedy generations of one random prompt.
 
-    ``device`` / ``bandwidth`` (GB/s, source) are measured when not given (the bandwidth right after the trials,
-    so that both see the same machine load); a sweep passes them once.
+    ``device`` / ``bandwidth`` (GB/s, source) are measured when not given (the bandwidth before and after the
+    trials).
     """
     check_counts(prompt_tokens, gen_tokens, trials)
     if prompt_tokens + gen_tokens > model.args.max_context_length:
@@ -235,14 +239,22 @@ def bench(
                          f"context of {model.args.max_context_length} tokens: lower them")
     device = device or device_info()
     prompt = mx.random.randint(0, model.args.vocab_size, (prompt_tokens,), key=mx.random.key(seed))
+
+    def measured_bandwidth() -> tuple[float, str]:
+        if bandwidth is not None:
+            return bandwidth
+        if progress:
+            progress("measuring memory bandwidth", 0, 1)
+        return memory_bandwidth(device)
+
+    before = measured_bandwidth()
     warmup = time_generation(model, prompt, gen_tokens, step, progress, "warm-up")
     runs = [
         time_generation(model, prompt, gen_tokens, step, progress, f"trial {i + 1}/{trials}") for i in range(trials)
     ]
     kv = kv_bytes_per_token(model)
-    if progress and bandwidth is None:
-        progress("measuring memory bandwidth", 0, 1)
-    gbps, source = bandwidth or memory_bandwidth(device)  # measured after the trials, in the same conditions
+    # Measured before and after the trials, the higher kept: other load on the machine only lowers a reading.
+    gbps, source = max(before, measured_bandwidth())
     return BenchResult(
         model=label, dtype=_dtype_name(model), q_bits=q_bits, q_group_size=q_group_size if q_bits else None,
         prompt_tokens=prompt_tokens, gen_tokens=gen_tokens, warmup=warmup, trials=runs,
