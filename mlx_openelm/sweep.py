@@ -69,17 +69,18 @@ def sweep(
     q_group_size: int = 64,
     seed: int = 0,
     progress: Progress | None = None,
+    bandwidth: tuple[float, str] | None = None,
 ) -> list[BenchResult]:
     """Benchmark random weights of each size at each precision (bits; ``None`` = unquantized).
 
     Weights are bfloat16 unless ``dtype``; without ``dtype`` quantized runs compute in the project's default
     dtype for the backend (see :func:`prepare_model`). ``sizes`` defaults to :func:`default_sizes`. The
-    bandwidth is measured after each run's trials (a machine's load can change during a long sweep).
+    bandwidth (GB/s, source) is measured around each run's trials unless given (load changes in a long sweep).
     """
     check_counts(prompt_tokens, gen_tokens, trials)
     device = device_info()
     if sizes is None:
-        gbps = memory_bandwidth(device)[0]
+        gbps = (bandwidth or memory_bandwidth(device))[0]
         sizes = default_sizes(device["memory_bytes"], gbps, prompt_tokens, gen_tokens, trials)
     results = []
     for size in sizes:
@@ -88,7 +89,7 @@ def sweep(
             tag = f"{label} {f'{bits}-bit' if bits else dtype or 'bfloat16'}"
             results.append(bench(
                 model, label, prompt_tokens=prompt_tokens, gen_tokens=gen_tokens, trials=trials, seed=seed,
-                q_bits=bits, q_group_size=q_group_size, device=device,
+                q_bits=bits, q_group_size=q_group_size, device=device, bandwidth=bandwidth,
                 progress=progress and (lambda desc, done, total, tag=tag: progress(f"{tag}: {desc}", done, total)),
             ))
             del model

@@ -87,7 +87,7 @@ def test_quantized_in_memory():
     # 4-bit weights + a float32 scale and bias per 32 weights: 6 bits per weight instead of 32.
     assert model_bytes(model) < dense * 0.25
     assert decode_bytes_per_token(model, 0) > model_bytes(model)
-    r = bench(model, "q4", q_bits=4, q_group_size=32, prompt_tokens=4, gen_tokens=3, trials=1)
+    r = bench(model, "q4", q_bits=4, q_group_size=32, prompt_tokens=4, gen_tokens=3, trials=1, bandwidth=(1.0, "x"))
     assert r.q_bits == 4 and r.to_dict()["q_group_size"] == 32
 
 
@@ -130,8 +130,9 @@ def test_bandwidth_table_and_measurement():
 
 
 def test_sweep_writes_markdown_json_png(tmp_path):
-    results = sweep([tiny_args()], dtype="float32", q_group_size=32, prompt_tokens=4, gen_tokens=3, trials=1)
-    assert [r.q_bits for r in results] == [None, 8, 4]
+    results = sweep([tiny_args()], dtype="float32", q_group_size=32, prompt_tokens=4, gen_tokens=3, trials=1,
+                    bandwidth=(100.0, "given"))
+    assert [r.q_bits for r in results] == [None, 8, 4] and {r.bandwidth_source for r in results} == {"given"}
     assert results[0].model_bytes > results[1].model_bytes > results[2].model_bytes
     md, js, png = write_sweep(results, tmp_path / "sweep")
     rows = [line for line in md.read_text().splitlines() if line.startswith("| 3L-64d")]
