@@ -70,7 +70,7 @@ def compare(args: argparse.Namespace) -> dict[str, Any]:
             quant = {"quantization": {"group_size": 64, "bits": args.q_bits, "mode": "affine"}} if args.q_bits else {}
             folder = save(model, Path(tmp) / "model", config=quant)
             del model
-        ours = load_model(folder, dtype=args.dtype)
+        ours = load_model(folder, dtype=args.dtype or "auto")  # the project's default path
         theirs, _ = mlx_lm_load_model(Path(folder))
         if args.dtype:
             theirs.set_dtype(ours.transformer.norm.weight.dtype)

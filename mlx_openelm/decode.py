@@ -213,6 +213,7 @@ class _Traced:
         p, s = self.plan, self.streams
         (B, L), D = tokens.shape, p.head_dim
         h = _embed(tokens, params["embed"], p.embed_quant)
+        dtype, h = h.dtype, h.astype(mx.float32)  # a float32 residual stream, as in the model
         positions = pos + mx.arange(L)
         mask = mx.arange(window)[None] <= positions[:, None]
         if p.cpu:
@@ -221,7 +222,7 @@ class _Traced:
         new_keys, new_values = [], []
         for lp, quant, (nq, nkv), k_cache, v_cache in zip(params["layers"], p.quant, p.heads, keys, values):
             qkv_w, out_w, up_w, down_w = lp["linears"]
-            x = mx.fast.rms_norm(h, lp["attn_norm"], p.eps)
+            x = mx.fast.rms_norm(h, lp["attn_norm"], p.eps).astype(dtype)
             qkv = _linear(x, qkv_w, quant[0], s)
             # One token: [B, 1, heads * D] -> [B, heads, 1, D] is a reshape, no transpose.
             qkv = qkv.reshape(B, -1, 1, D) if L == 1 else qkv.reshape(B, L, -1, D).transpose(0, 2, 1, 3)
@@ -245,9 +246,11 @@ class _Traced:
                 out = mx.fast.scaled_dot_product_attention(q, k_cache, v_cache, scale=D**-0.5, mask=mask)
             out = out.reshape(B, 1, -1) if L == 1 else out.transpose(0, 2, 1, 3).reshape(B, L, -1)
             h = h + _linear(out, out_w, quant[1], s)
-            gate, up = mx.split(_linear(mx.fast.rms_norm(h, lp["ffn_norm"], p.eps), up_w, quant[2], s), 2, axis=-1)
+            x = mx.fast.rms_norm(h, lp["ffn_norm"], p.eps).astype(dtype)
+            gate, up = mx.split(_linear(x, up_w, quant[2], s), 2, axis=-1)
             h = h + _linear(nn.silu(gate) * up, down_w, quant[3], s)
-        logits = _linear(mx.fast.rms_norm(h[:, -1:], params["norm"], p.eps), params["head"], p.embed_quant, s)
+        x = mx.fast.rms_norm(h[:, -1:], params["norm"], p.eps).astype(dtype)
+        logits = _linear(x, params["head"], p.embed_quant, s)
         return logits[:, 0, :], new_keys, new_values
 
 

@@ -2,7 +2,8 @@
 
 It shares no code with ``mlx_openelm``: it reads HF-named weights and the HF ``config.json`` fields, and
 derives per-layer FFN widths from the weight shapes. ``round_to`` emulates a 16-bit model the way Apple's
-reference runs one: weights and every matmul output are rounded, RMSNorm and RoPE are computed in float32.
+reference runs one: weights and every matmul output (the logits included) are rounded, RMSNorm and RoPE are computed in
+float32.
 """
 
 from __future__ import annotations
@@ -74,4 +75,4 @@ def forward(
         act = round_to(gate / (1 + np.exp(-gate)) * up)
         x = round_to(x + round_to(act @ w[p + "ffn.proj_2.weight"].T))
     h = round_to(_rms_norm(x, w["transformer.norm.weight"], eps))
-    return h @ emb.T
+    return round_to(h @ emb.T)  # a 16-bit model's logits are 16-bit too (Apple's reference casts them after)
