@@ -170,7 +170,6 @@ def generate_command(
     import json
 
     from mlx_openelm import load, make_logits_processors, make_sampler, stream_generate
-    from mlx_openelm.load import resolve_model
 
     if prompt == "-":
         try:
@@ -179,7 +178,7 @@ def generate_command(
             fail(f"cannot read the prompt from stdin: {e}")
     sampler = make_sampler(temp=temp, top_p=top_p, top_k=top_k, min_p=min_p, seed=seed)
     processors = make_logits_processors(repetition_penalty=repetition_penalty)
-    net, tokenizer = load(resolve_model(model), dtype=dtype)
+    net, tokenizer = load(model, dtype=dtype)
     responses = []
     for r in stream_generate(net, tokenizer, prompt, max_tokens=max_tokens, sampler=sampler, stop=stop or (),
                              logits_processors=processors, max_kv_size=max_kv_size, kv_bits=kv_bits,
@@ -203,7 +202,8 @@ def generate_command(
 
 @app.command("chat")
 def chat_command(
-    model: Annotated[str, typer.Option("--model", "-m", help="Converted model folder.")],
+    model: Annotated[str, typer.Option("--model", "-m", help="Converted model folder, or a repo id (converted on "
+                                                             "first use).")],
     system: Annotated[str | None, typer.Option(help="System prompt.")] = None,
     chat_template: Annotated[Path | None, typer.Option(help="Jinja chat template file (replaces the model's).")] = None,
     temp: Temp = 0.0, top_p: TopP = 1.0, top_k: TopK = 0, min_p: MinP = 0.0,

@@ -67,9 +67,11 @@ def load_model(path: str | Path, dtype: str | mx.Dtype | None = None, lazy: bool
 
 
 def load(path: str | Path, dtype: str | mx.Dtype | None = "auto", chat_template: str | Path | None = None):
-    """``model, tokenizer = load(path)`` for a converted model directory (``dtype`` as for :func:`load_model`)."""
+    """``model, tokenizer = load(path)`` for a converted model directory, or a Hugging Face repo id (converted on
+    first use, see :func:`resolve_model`); ``dtype`` as for :func:`load_model`."""
     from .tokenizer import load_tokenizer
 
+    path = resolve_model(path)
     model = load_model(path, dtype=dtype)
     return model, load_tokenizer(path, chat_template=chat_template)
 
