@@ -32,9 +32,9 @@ def parse_dtype(name: str | mx.Dtype) -> mx.Dtype:
 def auto_dtype(model: Model) -> mx.Dtype | None:
     """The compute dtype ``dtype="auto"`` picks for ``model`` on the default device (None: keep the stored one).
 
-    Measured on MLX's CPU backend (``benchmarks/overhead.py --dtype-table``): a 270M decode step takes 168 ms in
-    bfloat16, 288 ms in float32, 396 ms in float16; 4-bit, 129 ms with float32 scales and activations against
-    1058 ms with bfloat16 and 5252 ms with float16 ones. So on the CPU quantized and float16 models compute in
+    Measured on MLX's CPU backend (``benchmarks/overhead.py --dtype-table``): a 270M decode step takes 100 ms in
+    bfloat16, 143 ms in float32, 204 ms in float16; 4-bit, 73 ms with float32 scales and activations against
+    534 ms with bfloat16 and 2608 ms with float16 ones. So on the CPU quantized and float16 models compute in
     float32 (packed weights stay packed; float16 -> float32 loses nothing) and bfloat16 ones stay bfloat16.
     Metal and CUDA keep the stored half precision.
     """

@@ -20,7 +20,6 @@ from mlx_openelm.convert.quantize import recipe_bits
 from safetensors.numpy import load_file
 from spm_util import train_spm
 from tiny import TINY_CONFIG, tiny_args
-from trained_model import trained_checkpoint  # noqa: F401 (a fixture)
 
 from mlx_openelm import Model, __version__, load, load_model, random_model
 
@@ -210,9 +209,9 @@ def test_hub_repo_converts_offline_from_the_local_cache(tmp_path, source_model, 
     assert len(missing.stderr.strip().splitlines()) == 1
 
 
-def test_bfloat16_top1_agrees_with_float32_on_the_trained_model(tmp_path, trained_checkpoint):  # noqa: F811
-    # Teacher-forced predictions of the memorized continuations, in both framings (the model's trained answers;
-    # position 0 is excluded by construction: its two framings disagree, so its fp32 top-2 are a near tie).
+def test_bfloat16_top1_agrees_with_float32_on_the_trained_model(tmp_path, trained_checkpoint):
+    # Teacher-forced predictions of every token of the memorized continuation, in both framings (plain and
+    # Instruct): the answers the model was trained to give.
     fp32 = load_model(convert(trained_checkpoint.path, tmp_path / "fp32", dtype="float32").path)
     bf16 = load_model(convert(trained_checkpoint.path, tmp_path / "bf16").path)
     agree = []
