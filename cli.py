@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 from typing import Annotated
@@ -16,8 +17,8 @@ app = typer.Typer(
     add_completion=False,
 )
 
-# Errors a user can fix: printed as one line, exit code 1, no traceback.
-USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError, NotADirectoryError, PermissionError)
+# Errors a user can fix (bad values, files, the hub, the disk): printed as one line, exit code 1, no traceback.
+USER_ERRORS = (ValueError, OSError)
 
 
 def fail(message: str, code: int = 1) -> None:
@@ -95,7 +96,8 @@ def bench_command(
     json_path: Annotated[Path | None, typer.Option("--json", help="Write every figure to this JSON file.")] = None,
     sweep: Annotated[bool, typer.Option(help="Each size x (bfloat16, 8-bit, 4-bit): Markdown, JSON, PNG.")] = False,
     sizes: Annotated[str | None, typer.Option(help="Sweep sizes, e.g. 270M,450M (default: what fits).")] = None,
-    out: Annotated[Path, typer.Option(help="Sweep output prefix: PREFIX.md, .json, .png.")] = Path("openelm-sweep"),
+    out: Annotated[Path | None, typer.Option(help="Sweep output prefix: PREFIX.md, .json, .png "
+                                                  "(default openelm-sweep).")] = None,
 ) -> None:
     """Tokens/s, time to first token, peak memory and the bandwidth roofline reached (warm-up + trials)."""
     from rich.console import Console
@@ -110,6 +112,9 @@ def bench_command(
         fail("give --model or --preset, not both")
     if sweep and (model or preset or q_bits or json_path):
         fail("--sweep benchmarks random weights at every precision into --out: drop --model, --preset, -q, --json")
+    if not sweep and (sizes or out):
+        fail("--sizes and --out belong to --sweep: add --sweep, or drop them")
+    out = out or Path("openelm-sweep")
     size_list = s.parse_sizes(sizes) if sizes else None
     paths = s.sweep_paths(out) if sweep else [b.check_output(json_path)] if json_path else []
     counts = dict(prompt_tokens=prompt_tokens, gen_tokens=gen_tokens, trials=trials)
@@ -216,6 +221,8 @@ def chat_command(
     from mlx_openelm.chat_terminal import run_chat
     from mlx_openelm.sample import make_logits_processors, make_sampler
 
+    if max_tokens < 1:
+        fail(f"--max-tokens must be at least 1, got {max_tokens}")
     sampler, processors = make_sampler(temp, top_p, top_k, min_p, seed), make_logits_processors(repetition_penalty)
     session = ChatSession(*load(model, chat_template=chat_template), system=system)
     run_chat(session, verbose=verbose, banner=f"chatting with {model}: /help for commands, Ctrl-D to leave",
@@ -226,6 +233,9 @@ def main() -> None:
     """Console-script entry point: user errors become one line and a non-zero exit."""
     try:
         app()
+    except BrokenPipeError:  # the reader went away (e.g. `| head`): stop quietly
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        sys.exit(1)
     except USER_ERRORS as e:
         typer.echo(f"error: {e}", err=True)
         sys.exit(1)

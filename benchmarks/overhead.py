@@ -19,7 +19,6 @@ matmul) dense and 4-bit in each float type, and a real-size OpenELM-270M decode 
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import tempfile
@@ -32,6 +31,7 @@ from mlx_lm.generate import generate_step as mlx_lm_generate_step
 from mlx_lm.utils import load_model as mlx_lm_load_model
 
 from mlx_openelm import generate_step, load_model, preset, random_model, save
+from mlx_openelm.bench import write_json
 from mlx_openelm.decode import cpu_lanes
 from mlx_openelm.device import device_info
 
@@ -153,9 +153,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"| {r['size']} | {r['layers']} | {m['mlx-openelm']:.2f} | {m['mlx-lm']:.2f} | {r['ratio']:.3f} |")
         name = f"{args.dtype}{f'-{args.q_bits}bit' if args.q_bits else ''}{'-full' if args.full_size else ''}"
         out = args.json or RESULTS / f"overhead-{name}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(record, indent=2) + "\n")
-    print(f"wrote {out}")
+    print(f"wrote {write_json(out, record)}")
     return 0
 
 

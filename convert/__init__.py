@@ -19,7 +19,7 @@ from mlx.utils import tree_flatten
 
 from mlx_openelm import __version__
 from mlx_openelm.config import ModelArgs
-from mlx_openelm.load import DTYPES, atomic_directory, commit_directory, parse_dtype
+from mlx_openelm.load import DTYPES, atomic_directory, commit_directory, parse_dtype, refuse_existing
 from mlx_openelm.model import Model
 from mlx_openelm.tokenizer_fetch import TokenizerUnavailable, ensure_tokenizer
 
@@ -151,8 +151,7 @@ def convert(
     if quantize:  # settings are checked before anything is read
         check_settings(q_bits, q_group_size, q_recipe)
     target = Path(output)
-    if target.exists() and not force:
-        raise FileExistsError(f"{target} already exists: choose another output or pass --force to replace it")
+    refuse_existing(target, force)  # before anything is read
     ckpt = open_checkpoint(source, revision, allow_bin)
     try:
         args = ModelArgs.from_dict(ckpt.config)

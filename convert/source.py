@@ -15,6 +15,8 @@ from typing import Any
 
 import mlx.core as mx
 
+from mlx_openelm.fileio import is_repo_id
+
 # Safetensors dtypes a checkpoint's floating-point tensors may have, with their byte sizes.
 SOURCE_DTYPES = {"F32": 4, "F16": 2, "BF16": 2}
 # Apple's HF code keeps rotary tables as non-persistent buffers; an export that saved them anyway is harmless.
@@ -149,7 +151,7 @@ def resolve(source: str | Path, revision: str | None = None, allow_bin: bool = F
             raise NotADirectoryError(f"{path} is a file: give the checkpoint's directory")
         return path, str(source)
     text = str(source)
-    if text.startswith((".", "/", "~")) or text.count("/") != 1:
+    if not is_repo_id(text):
         raise FileNotFoundError(f"{source}: no such directory, and not a Hugging Face repo id (owner/name)")
     from huggingface_hub import constants, snapshot_download
     from huggingface_hub import errors as hub

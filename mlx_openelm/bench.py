@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import os
 import statistics
-import tempfile
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
@@ -25,6 +24,7 @@ from . import __version__
 from .cache import make_cache
 from .config import ModelArgs, preset
 from .device import device_info, memory_bandwidth
+from .fileio import atomic_write
 from .generate import generate_step, generation_stream
 from .load import auto_dtype, load_model, random_model, resolve_model
 
@@ -307,17 +307,8 @@ def check_output(path: str | Path) -> Path:
 
 
 def write_atomic(path: str | Path, data: str | bytes) -> Path:
-    """Write ``data`` atomically (a temporary file beside ``path``, then a rename)."""
-    path = check_output(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data.encode() if isinstance(data, str) else data)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    """Write ``data`` atomically to an output path the user gave (checked first, one clear error if unusable)."""
+    return atomic_write(check_output(path), data)
 
 
 def write_json(path: str | Path, data: Any) -> Path:

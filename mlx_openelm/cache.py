@@ -42,13 +42,12 @@ def is_fixed_capacity(cache: list) -> bool:
     return bool(cache) and all(type(c) is KVCache for c in cache)
 
 
-def reserve(cache: list[KVCache], tokens: int, args: Any, batch: int, dtype: mx.Dtype) -> bool:
+def reserve(cache: list[KVCache], tokens: int, args: Any, batch: int, dtype: mx.Dtype) -> None:
     """Grow each layer's buffer to hold ``tokens`` positions, rounded up to the cache's step (256).
 
     Empty caches are allocated as ``[batch, kv_heads, capacity, head_dim]`` with this layer's KV heads (from
-    ``args``) in ``dtype``. Returns whether any buffer changed shape (a compiled step then traces again).
+    ``args``) in ``dtype``.
     """
-    grew = False
     for c, kv_heads in zip(cache, args.num_kv_heads):
         capacity = -(-tokens // c.step) * c.step
         if c.keys is not None and c.keys.shape[2] >= capacity:
@@ -60,5 +59,3 @@ def reserve(cache: list[KVCache], tokens: int, args: Any, batch: int, dtype: mx.
         else:
             c.keys = mx.concatenate([c.keys, mx.zeros(shape, c.keys.dtype)], axis=2)
             c.values = mx.concatenate([c.values, mx.zeros(shape, c.values.dtype)], axis=2)
-        grew = True
-    return grew

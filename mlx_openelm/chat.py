@@ -7,8 +7,6 @@ in ``last_turn``; the terminal front-end (``chat_terminal.py``) decides what the
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,6 +15,7 @@ from typing import Any
 import mlx.core as mx
 
 from .cache import make_cache
+from .fileio import atomic_write
 from .generate import stream_generate
 
 ROLES = ("system", "user", "assistant")
@@ -171,18 +170,9 @@ class ChatSession:
         path = Path(path).expanduser()
         record = {"format": FILE_FORMAT, "version": 1, "messages": self.messages}
         try:
-            fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+            return atomic_write(path, json.dumps(record, ensure_ascii=False, indent=2) + "\n")
         except OSError as e:
-            raise OSError(f"cannot write {path}: {e.strerror}") from None
-        try:
-            with os.fdopen(fd, "w", encoding="utf-8") as f:
-                json.dump(record, f, ensure_ascii=False, indent=2)
-                f.write("\n")
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
-        return path
+            raise OSError(f"cannot write {path}: {e.strerror or e}") from None
 
     def load(self, path: str | Path) -> None:
         """Replace the conversation by one saved with :meth:`save`; the next turn rebuilds the cache from it."""

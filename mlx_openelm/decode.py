@@ -51,8 +51,8 @@ def attention_window(positions: int, capacity: int) -> int:
 
 
 @functools.cache
-def _lane_streams(n: int) -> tuple[mx.Stream | None, ...]:
-    # Lane 0 runs on the caller's stream; the others get their own CPU streams (threads).
+def lane_streams(n: int) -> tuple[mx.Stream | None, ...]:
+    """``n`` lanes: lane 0 (None) runs on the caller's stream, the others on CPU streams (threads) of their own."""
     return (None, *(mx.new_stream(mx.cpu) for _ in range(n - 1)))
 
 
@@ -200,7 +200,7 @@ class _Traced:
 
     def __init__(self, plan: Plan):
         self.plan, self.traces = plan, 0
-        self.streams = _lane_streams(plan.lanes)
+        self.streams = lane_streams(plan.lanes)
         self.fn = mx.compile(self._trace)
 
     def _trace(self, *args: Any) -> tuple:

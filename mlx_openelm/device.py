@@ -12,6 +12,8 @@ from typing import Any
 
 import mlx.core as mx
 
+from .decode import cpu_lanes, lane_streams
+
 # Published unified-memory bandwidths (GB/s), OPENELM.md §8. A tuple is (fewer GPU cores, more GPU cores):
 # the binned Max chips differ in bandwidth, and the GPU core count tells them apart.
 APPLE_BANDWIDTH_GBPS: dict[str, float | tuple[float, float]] = {
@@ -108,26 +110,37 @@ def known_bandwidth(chip: str | None, gpu_cores: int | None = None) -> float | N
     return float(value)
 
 
+def _read(parts: list[mx.array], streams: tuple) -> None:
+    sums = []
+    for stream, part in zip(streams, parts):
+        with mx.stream(stream or mx.default_stream(mx.default_device())):
+            sums.append(part.sum(axis=-1))
+    mx.eval(sums)
+
+
 def measure_bandwidth(nbytes: int = 256 * 2**20, reps: int = 10) -> float:
     """Streaming-read bandwidth (GB/s) through MLX: the best of ``reps`` row sums over ``nbytes`` of float32.
 
-    Row sums of 4096 values stream faster than one whole-array sum on MLX's CPU backend; the best rep is kept
-    because other load on the machine can only slow a rep down.
+    Row sums of 4096 values stream faster than one whole-array sum on MLX's CPU backend; the rows are split
+    across the decode step's lanes (one stream per core on the CPU), as the decode reads its weights; the best
+    rep is kept because other load on the machine can only slow a rep down.
     """
     if nbytes < 4 * _ROW or reps < 1:
         raise ValueError(f"need nbytes >= {4 * _ROW} and reps >= 1, got {nbytes} and {reps}")
     x = mx.random.uniform(shape=(nbytes // (4 * _ROW), _ROW))
     mx.eval(x)
-    mx.eval(x.sum(axis=-1))  # first call: kernel setup, not timed
+    streams = lane_streams(cpu_lanes())
+    parts = mx.split(x, len(streams))
+    _read(parts, streams)  # first call: kernel setup, not timed
     best = float("inf")
     for _ in range(reps):
         tic = time.perf_counter()
-        mx.eval(x.sum(axis=-1))
+        _read(parts, streams)
         best = min(best, time.perf_counter() - tic)
-    read = x.nbytes
-    del x
+    total = x.nbytes
+    del x, parts
     mx.clear_cache()
-    return read / 1e9 / best  # GB as 10^9 bytes, the unit bandwidths are published in
+    return total / 1e9 / best  # GB as 10^9 bytes, the unit bandwidths are published in
 
 
 def memory_bandwidth(info: dict[str, Any] | None = None) -> tuple[float, str]:

@@ -15,6 +15,7 @@ from mlx_lm.utils import load_model as _mlx_lm_load_model
 from mlx_lm.utils import save_model as _mlx_lm_save_model
 
 from .config import ModelArgs, preset
+from .fileio import cache_dir, is_repo_id
 from .model import Model
 
 DTYPES = {"float32": mx.float32, "bfloat16": mx.bfloat16, "float16": mx.float16}
@@ -76,22 +77,15 @@ def load(path: str | Path, dtype: str | mx.Dtype | None = "auto", chat_template:
     return model, load_tokenizer(path, chat_template=chat_template)
 
 
-def model_cache_dir() -> Path:
-    """Where repo ids are converted on first use: ``$MLX_OPENELM_HOME``, else ``~/.cache/mlx-openelm``."""
-    home = os.environ.get("MLX_OPENELM_HOME")
-    if home:
-        return Path(home).expanduser()
-    return Path(os.environ.get("XDG_CACHE_HOME") or "~/.cache").expanduser() / "mlx-openelm"
-
-
 def resolve_model(name: str | Path) -> Path:
     """A converted model folder for ``name``: a local path as is, or for a Hugging Face repo id
-    (``apple/OpenELM-270M-Instruct``) its conversion in :func:`model_cache_dir`, made on first use."""
+    (``apple/OpenELM-270M-Instruct``) its conversion in the user cache (:func:`~mlx_openelm.fileio.cache_dir`),
+    made on first use."""
     text = str(name)
     path = Path(text).expanduser()
-    if path.exists() or text.startswith((".", "/", "~")) or text.count("/") != 1:
+    if path.exists() or not is_repo_id(text):
         return path
-    target = model_cache_dir() / text.replace("/", "--")
+    target = cache_dir() / "models" / text.replace("/", "--")
     if not (target / "config.json").is_file():
         from .convert import convert
 
@@ -117,10 +111,15 @@ def random_model(
     return model
 
 
-def atomic_directory(target: Path, force: bool = False) -> Path:
-    """A fresh temporary directory beside ``target``; move it into place with :func:`commit_directory`."""
+def refuse_existing(target: Path, force: bool = False) -> None:
+    """Raise ``FileExistsError`` when ``target`` exists and ``force`` is not set."""
     if target.exists() and not force:
         raise FileExistsError(f"{target} already exists: choose another output or pass --force to replace it")
+
+
+def atomic_directory(target: Path, force: bool = False) -> Path:
+    """A fresh temporary directory beside ``target``; move it into place with :func:`commit_directory`."""
+    refuse_existing(target, force)
     target.parent.mkdir(parents=True, exist_ok=True)
     return Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
 

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import sentencepiece as spm
 
+from mlx_openelm.fileio import atomic_write, cache_dir, is_repo_id
 from mlx_openelm.llama_vocab import META_SHA256, NPM_PACKAGE, PYPI_PACKAGE, rebuild_from_artifact, sha256
 from mlx_openelm.tokenizer import INSTRUCT_CHAT_TEMPLATE
 from mlx_openelm.tokenizer_json import write_hf_files
@@ -47,13 +48,6 @@ class FetchResult:
     route: str
     sha256: str
     note: str
-
-
-def cache_dir() -> Path:
-    """``$MLX_OPENELM_CACHE``, else ``$XDG_CACHE_HOME/mlx-openelm``, else ``~/.cache/mlx-openelm``."""
-    if os.environ.get("MLX_OPENELM_CACHE"):
-        return Path(os.environ["MLX_OPENELM_CACHE"])
-    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "mlx-openelm"
 
 
 def _run(cmd: list[str], dest: Path, pattern: str) -> Path:
@@ -109,13 +103,6 @@ def check_model(data: bytes, origin: str) -> str:
     return f"custom tokenizer ({sp.vocab_size()} pieces), not Meta's"
 
 
-def _write_atomic(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
-
-
 def _from_user(tokenizer: str) -> tuple[bytes, str]:
     path = Path(tokenizer).expanduser()
     if path.is_dir():
@@ -127,7 +114,7 @@ def _from_user(tokenizer: str) -> tuple[bytes, str]:
         if path.suffix in (".gz", ".tgz", ".gguf", ".js"):
             return rebuild_from_artifact(path), f"rebuilt from {path}"
         return path.read_bytes(), str(path)
-    if not re.fullmatch(r"[\w.-]+/[\w.-]+", tokenizer):
+    if not is_repo_id(tokenizer):
         raise FileNotFoundError(f"--tokenizer {tokenizer}: no such file, and not a Hugging Face repo id")
     from huggingface_hub import hf_hub_download  # only this route needs the hub client
 
@@ -151,7 +138,7 @@ def _rebuild(tried: list[str]) -> tuple[bytes, str]:
             except (OSError, ValueError) as e:
                 tried.append(f"{name} ({e})")
                 continue
-        _write_atomic(cached, data)
+        atomic_write(cached, data)
         return data, f"rebuilt from {name}, cached at {cached}"
     raise ValueError("no tokenizer.model found")
 
@@ -186,7 +173,7 @@ def fetch_tokenizer(dest_dir: Path, source_dir: Path | None = None, tokenizer: s
     dest_dir = Path(dest_dir)
     dest_dir.mkdir(parents=True, exist_ok=True)
     path = dest_dir / "tokenizer.model"
-    _write_atomic(path, data)
+    atomic_write(path, data)
     write_hf_files(path, dest_dir, INSTRUCT_CHAT_TEMPLATE if instruct else None)
     return FetchResult(path, route, sha256(data), note)
 

@@ -263,14 +263,14 @@ def test_resolve_model_uses_paths_as_given_and_converts_repo_ids_once(tmp_path, 
 
     from mlx_openelm.load import resolve_model
 
-    monkeypatch.setenv("MLX_OPENELM_HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("MLX_OPENELM_CACHE", str(tmp_path / "home"))
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
     assert resolve_model(model_dir) == model_dir
     assert resolve_model("./not/here") == Path("./not/here")  # a path: load reports it missing
-    done = tmp_path / "home" / "apple--OpenELM-270M-Instruct"
+    done = tmp_path / "home" / "models" / "apple--OpenELM-270M-Instruct"
     done.mkdir(parents=True)
     (done / "config.json").write_text("{}")
     assert resolve_model("apple/OpenELM-270M-Instruct") == done  # converted before: no conversion
     with pytest.raises(FileNotFoundError, match="someone/absent"):
         resolve_model("someone/absent")  # the converter's own error: offline and not in the hub cache
-    assert not (tmp_path / "home" / "someone--absent").exists()
+    assert not (tmp_path / "home" / "models" / "someone--absent").exists()
