@@ -26,7 +26,7 @@ from mlx_lm.generate import generate_step as mlx_lm_generate_step
 from mlx_lm.generate import generation_stream as mlx_lm_stream
 from mlx_lm.utils import load_model as mlx_lm_load_model
 
-from mlx_openelm import load_model, save
+from mlx_openelm import load_model, preset, save
 from mlx_openelm.bench import check_counts, check_output, model_bytes, prepare_model, time_generation, write_json
 from mlx_openelm.device import device_info
 
@@ -39,6 +39,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--preset", default="OpenELM-270M", help="random weights of this size (default OpenELM-270M)")
     p.add_argument("--source-dir", type=Path, help="a converted model folder instead of random weights")
+    p.add_argument("--structure-only", action="store_true", help="the preset's layers at tiny widths (a quick check "
+                   "of the script itself, e.g. for benchmarks/gpu_suite.py --dry-run)")
     p.add_argument("--dtype", default=None, help="bfloat16 (random default), float16 or float32")
     p.add_argument("-q", "--q-bits", type=int, default=None, help="quantize the random weights (4 or 8 bits)")
     p.add_argument("--prompt-tokens", type=int, default=128)
@@ -66,8 +68,12 @@ def compare(args: argparse.Namespace) -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix="compare-mlx-lm-") as tmp:
         folder = args.source_dir
         if folder is None:
-            model, label = prepare_model(args.preset, None, args.dtype, args.q_bits)
-            quant = {"quantization": {"group_size": 64, "bits": args.q_bits, "mode": "affine"}} if args.q_bits else {}
+            tiny = {"model_dim": 64, "head_dim": 16, "vocab_size": 256}
+            size = preset(args.preset, **tiny) if args.structure_only else args.preset
+            group = 32 if args.structure_only else 64
+            model, label = prepare_model(size, None, args.dtype, args.q_bits, q_group_size=group)
+            quant = {"quantization": {"group_size": group, "bits": args.q_bits, "mode": "affine"}}
+            quant = quant if args.q_bits else {}
             folder = save(model, Path(tmp) / "model", config=quant)
             del model
         ours = load_model(folder, dtype=args.dtype or "auto")  # the project's default path

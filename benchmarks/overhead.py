@@ -1,6 +1,7 @@
 """Per-step decode overhead: this project's decode against mlx-lm's, on models with OpenELM's layer structure
-(layers, per-layer heads) but tiny widths (model_dim 64, head_dim 16, vocab 256), so a step is almost all
-host and kernel-launch overhead rather than arithmetic.
+(layers, per-layer heads) but tiny widths (model_dim 64, head_dim 16; vocabulary 256, or ``--vocab 32000`` for the
+real one, whose output head and sampling then run every step too), so a step is almost all host and kernel-launch
+overhead rather than arithmetic.
 
 Both sides load the same saved folder (mlx-lm through its own OpenELM class, ours with its default
 ``dtype="auto"``), get the same prompt and decode greedily through their own ``generate_step``, reading each
@@ -11,7 +12,7 @@ model quantized, as the -Instruct checkpoints convert).
 ``--dtype-table`` instead times what ``dtype="auto"`` decides on: one 1280x5120 GEMV (the largest 270M
 matmul) dense and 4-bit in each float type, and a real-size OpenELM-270M decode step per choice.
 
-    python benchmarks/overhead.py --sizes OpenELM-270M,OpenELM-1_1B,OpenELM-3B --rounds 7
+    python benchmarks/overhead.py --sizes OpenELM-270M,OpenELM-1_1B,OpenELM-3B --rounds 7 [--vocab 32000]
     python benchmarks/overhead.py --sizes OpenELM-270M --full-size -q 4 --steps 4 --rounds 3
     python benchmarks/overhead.py --dtype-table
 """
@@ -32,7 +33,7 @@ from mlx_lm.utils import load_model as mlx_lm_load_model
 
 from mlx_openelm import generate_step, load_model, preset, random_model, save
 from mlx_openelm.bench import write_json
-from mlx_openelm.decode import cpu_lanes
+from mlx_openelm.cpu_kernels import cpu_lanes
 from mlx_openelm.device import device_info
 
 RESULTS = Path(__file__).parent / "results"
@@ -50,12 +51,12 @@ def ms_per_step(step_fn, model, prompt: mx.array, steps: int) -> float:
 
 
 def overhead(size: str, dtype: str, steps: int, rounds: int, prompt_tokens: int, full_size: bool = False,
-             q_bits: int | None = None) -> dict:
+             q_bits: int | None = None, vocab: int = TINY["vocab_size"]) -> dict:
     """Alternating timed blocks of both sides on the structure-only (or ``full_size``) model of ``size``,
     quantized with ``q_bits`` (group 64) if given. Both load the same saved folder; ours with its default
     ``dtype="auto"``, mlx-lm as stored."""
     with tempfile.TemporaryDirectory() as tmp:
-        model = random_model(preset(size, **({} if full_size else TINY)), dtype=dtype)
+        model = random_model(preset(size, **({} if full_size else {**TINY, "vocab_size": vocab})), dtype=dtype)
         config = {}
         if q_bits:
             nn.quantize(model, group_size=64, bits=q_bits)
@@ -73,6 +74,7 @@ def overhead(size: str, dtype: str, steps: int, rounds: int, prompt_tokens: int,
             times[name].append(ms_per_step(sides[name][1], sides[name][0], prompt, steps))
     ratios = [a / b for a, b in zip(times["mlx-openelm"], times["mlx-lm"])]
     return {"size": size, "dtype": dtype, "q_bits": q_bits, "full_size": full_size, "steps": steps,
+            "vocab_size": sides["mlx-lm"][0].args.vocab_size,
             "prompt_tokens": prompt_tokens, "rounds": rounds,
             "layers": len(sides["mlx-lm"][0].layers), "ms_per_step": times,
             "median_ms": {k: statistics.median(v) for k, v in times.items()}, "ratio": statistics.median(ratios)}
@@ -127,6 +129,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--prompt-tokens", type=int, default=16)
     p.add_argument("--rounds", type=int, default=5, help="alternating timed blocks per side")
     p.add_argument("--full-size", action="store_true", help="real widths instead of the tiny structure-only ones")
+    p.add_argument("--vocab", type=int, default=TINY["vocab_size"], help="vocabulary of the structure-only models "
+                   "(OpenELM's is 32000)")
     p.add_argument("-q", "--q-bits", type=int, default=None, help="quantize the saved model (group 64)")
     p.add_argument("--dtype-table", action="store_true", help="time the choices dtype=auto makes instead")
     p.add_argument("--json", type=Path, default=None, help="output (default benchmarks/results/overhead*.json)")
@@ -141,17 +145,18 @@ def main(argv: list[str] | None = None) -> int:
             print(f"| {r['weights']} | {r['dtype']} | {r['gemv_ms']:.2f} | {r['decode_ms']:.1f} |")
         out = args.json or RESULTS / "overhead-dtype-table.json"
     else:
-        runs = [overhead(s, args.dtype, args.steps, args.rounds, args.prompt_tokens, args.full_size, args.q_bits)
-                for s in args.sizes.split(",")]
+        runs = [overhead(s, args.dtype, args.steps, args.rounds, args.prompt_tokens, args.full_size, args.q_bits,
+                         args.vocab) for s in args.sizes.split(",")]
         record = {"overhead": runs, "device": device}
         bits = f", {args.q_bits}-bit" if args.q_bits else ""
-        kind = f"{args.dtype}{bits}, {'full' if args.full_size else 'tiny'} widths"
+        kind = f"{args.dtype}{bits}, {'full' if args.full_size else f'tiny widths, vocab {args.vocab}'}"
         print(f"| model ({kind}) | layers | mlx-openelm ms/step | mlx-lm ms/step | ratio |")
         print("|---|---:|---:|---:|---:|")
         for r in runs:
             m = r["median_ms"]
             print(f"| {r['size']} | {r['layers']} | {m['mlx-openelm']:.2f} | {m['mlx-lm']:.2f} | {r['ratio']:.3f} |")
-        name = f"{args.dtype}{f'-{args.q_bits}bit' if args.q_bits else ''}{'-full' if args.full_size else ''}"
+        vocab = "" if args.full_size or args.vocab == TINY["vocab_size"] else f"-vocab{args.vocab}"
+        name = f"{args.dtype}{f'-{args.q_bits}bit' if args.q_bits else ''}{'-full' if args.full_size else vocab}"
         out = args.json or RESULTS / f"overhead-{name}.json"
     print(f"wrote {write_json(out, record)}")
     return 0

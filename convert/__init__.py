@@ -19,7 +19,8 @@ from mlx.utils import tree_flatten
 
 from mlx_openelm import __version__
 from mlx_openelm.config import ModelArgs
-from mlx_openelm.load import DTYPES, atomic_directory, commit_directory, parse_dtype, refuse_existing
+from mlx_openelm.dtypes import DTYPES, parse_dtype
+from mlx_openelm.fileio import atomic_directory, clean_stale, commit_directory, refuse_existing
 from mlx_openelm.model import Model
 from mlx_openelm.tokenizer_fetch import TokenizerUnavailable, ensure_tokenizer
 
@@ -47,6 +48,7 @@ class ConvertResult:
     nbytes: int
     bits_per_weight: float
     tokenizer_note: str | None
+    stale_removed: list[str]
 
     def summary(self) -> list[str]:
         """Lines for a user: what was written, what stayed unquantized or was dropped, the tokenizer note."""
@@ -62,6 +64,9 @@ class ConvertResult:
             lines.append(f"dropped rotary buffers: {', '.join(self.dropped)}")
         if self.tokenizer_note:
             lines.append(f"note: {self.tokenizer_note}")
+        if self.stale_removed:
+            lines.append(f"removed {len(self.stale_removed)} temporary folder(s) left by interrupted conversions: "
+                         f"{', '.join(self.stale_removed)}")
         return lines
 
 
@@ -168,6 +173,7 @@ def convert(
     specs = _output_specs(ckpt, out_dtype, plan)
     total = sum(info.nbytes for info in ckpt.tensors.values())
 
+    stale = clean_stale(target)
     tmp = atomic_directory(target, force)
     writer = ShardWriter(tmp, specs, max_shard_bytes)
     try:
@@ -207,4 +213,5 @@ def convert(
         nbytes=nbytes,
         bits_per_weight=8 * nbytes / sum(math.prod(info.shape) for info in ckpt.tensors.values()),
         tokenizer_note=note,
+        stale_removed=[p.name for p in stale],
     )

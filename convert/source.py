@@ -7,7 +7,6 @@ then read on its own, so a 12 GB float32 checkpoint never sits in memory whole.
 from __future__ import annotations
 
 import json
-import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,63 +15,11 @@ from typing import Any
 import mlx.core as mx
 
 from mlx_openelm.fileio import is_repo_id
+from mlx_openelm.tensorfile import FLOAT_DTYPES, TensorInfo, read_safetensors_header
 
-# Safetensors dtypes a checkpoint's floating-point tensors may have, with their byte sizes.
-SOURCE_DTYPES = {"F32": 4, "F16": 2, "BF16": 2}
 # Apple's HF code keeps rotary tables as non-persistent buffers; an export that saved them anyway is harmless.
 ROTARY_BUFFER = re.compile(r"(^|\.)(pos_embedding|inv_freq)(\.|$)")
 HUB_PATTERNS = ["config.json", "*.safetensors", "model.safetensors.index.json", "tokenizer*", "*.model"]
-MAX_HEADER_BYTES = 100 << 20
-
-
-@dataclass(frozen=True)
-class TensorInfo:
-    """A source tensor as its file header describes it."""
-
-    file: Path
-    dtype: str
-    shape: tuple[int, ...]
-
-    @property
-    def nbytes(self) -> int:
-        """Bytes of this tensor's data in the source file."""
-        return math.prod(self.shape) * SOURCE_DTYPES.get(self.dtype, 4)
-
-
-def _corrupt(path: Path, why: str) -> ValueError:
-    return ValueError(f"{path} is not a valid safetensors file ({why}): it is truncated or corrupt, download it again")
-
-
-def read_safetensors_header(path: Path) -> dict[str, TensorInfo]:
-    """The tensors of one safetensors file; a truncated or corrupt header or data section is an error."""
-    size = path.stat().st_size
-    with open(path, "rb") as f:
-        raw = f.read(8)
-        if len(raw) < 8:
-            raise _corrupt(path, f"{size} bytes, shorter than a header")
-        n = int.from_bytes(raw, "little")
-        if n > min(size - 8, MAX_HEADER_BYTES):
-            raise _corrupt(path, f"header length {n} does not fit in {size} bytes")
-        try:
-            header = json.loads(f.read(n))
-        except (UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise _corrupt(path, f"unreadable header: {e}") from None
-    if not isinstance(header, dict):
-        raise _corrupt(path, "header is not a JSON object")
-    header.pop("__metadata__", None)
-    data_size = size - 8 - n
-    tensors = {}
-    for name, entry in header.items():
-        try:
-            dtype, shape, (start, end) = entry["dtype"], tuple(entry["shape"]), entry["data_offsets"]
-        except (KeyError, TypeError, ValueError):
-            raise _corrupt(path, f"bad header entry for {name}") from None
-        if dtype not in SOURCE_DTYPES:
-            raise ValueError(f"{path}: tensor {name} has dtype {dtype}; a checkpoint holds F32, F16 or BF16 weights")
-        if end - start != math.prod(shape) * SOURCE_DTYPES[dtype] or not 0 <= start <= end <= data_size:
-            raise _corrupt(path, f"tensor {name} lies outside the file's {data_size} data bytes")
-        tensors[name] = TensorInfo(path, dtype, shape)
-    return tensors
 
 
 def _safetensors_files(directory: Path) -> list[Path]:
@@ -188,7 +135,7 @@ def open_checkpoint(source: str | Path, revision: str | None = None, allow_bin: 
     if files:
         tensors: dict[str, TensorInfo] = {}
         for file in files:
-            for name, info in read_safetensors_header(file).items():
+            for name, info in read_safetensors_header(file, FLOAT_DTYPES).items():
                 if name in tensors:
                     raise ValueError(f"tensor {name} appears in both {tensors[name].file.name} and {file.name}")
                 tensors[name] = info

@@ -25,8 +25,11 @@ from .cache import make_cache
 from .config import ModelArgs, preset
 from .device import device_info, memory_bandwidth
 from .fileio import atomic_write
-from .generate import generate_step, generation_stream
-from .load import auto_dtype, load_model, random_model, resolve_model
+from .generate import generate_step
+from .hub import resolve_model
+from .load import auto_dtype, load_model
+from .random_weights import random_model
+from .runner import generation_stream
 
 # progress(description, done, total): called between tokens, never inside a timed MLX evaluation.
 Progress = Callable[[str, int, int], None]
@@ -110,7 +113,7 @@ def time_generation(
     ``stream``: the generator's stream (default: the project's), synchronized after the timing so that work a
     generator queued ahead neither counts nor overlaps the next measurement.
     """
-    step, stream = step or generate_step, stream or generation_stream
+    step, stream = step or generate_step, stream or generation_stream()
     mx.synchronize(stream)
     mx.synchronize()
     mx.reset_peak_memory()
@@ -227,11 +230,12 @@ def bench(
     progress: Progress | None = None,
     device: dict[str, Any] | None = None,
     bandwidth: tuple[float, str] | None = None,
+    probe_bytes: int = 256 * 2**20,
 ) -> BenchResult:
     """Warm up once (identical shapes, discarded), then time ``trials`` greedy generations of one random prompt.
 
     ``device`` / ``bandwidth`` (GB/s, source) are measured when not given (the bandwidth before and after the
-    trials).
+    trials, by a probe over ``probe_bytes`` unless the chip's figure is published).
     """
     check_counts(prompt_tokens, gen_tokens, trials)
     if prompt_tokens + gen_tokens > model.args.max_context_length:
@@ -245,7 +249,7 @@ def bench(
             return bandwidth
         if progress:
             progress("measuring memory bandwidth", 0, 1)
-        return memory_bandwidth(device)
+        return memory_bandwidth(device, probe_bytes)
 
     before = measured_bandwidth()
     warmup = time_generation(model, prompt, gen_tokens, step, progress, "warm-up")

@@ -1,7 +1,8 @@
 """Chat sessions: a conversation whose KV cache is kept across turns, so each turn prefills only its new tokens.
 
-The session never prints: ``reply`` yields text pieces and :class:`Notice` events, and leaves the turn's figures
-in ``last_turn``; the terminal front-end (``chat_terminal.py``) decides what the user sees.
+The session holds the conversation and its cache, and never prints: ``reply`` yields text pieces and
+:class:`Notice` events, and leaves the turn's figures in ``last_turn``. What the user types and sees (slash
+commands, their replies) belongs to the terminal front-end, ``chat_terminal.py``.
 """
 
 from __future__ import annotations
@@ -20,14 +21,6 @@ from .generate import stream_generate
 
 ROLES = ("system", "user", "assistant")
 FILE_FORMAT = "mlx-openelm-chat"
-COMMANDS = {  # name -> (argument, help)
-    "help": ("", "show this help"),
-    "reset": ("", "start a new conversation (the system prompt stays)"),
-    "system": ("TEXT", "set the system prompt (no TEXT: remove it)"),
-    "save": ("FILE", "save the conversation as JSON"),
-    "load": ("FILE", "load a conversation saved with /save"),
-    "quit": ("", "leave the chat (also Ctrl-D)"),
-}
 
 
 @dataclass(frozen=True)
@@ -178,33 +171,20 @@ class ChatSession:
         """Replace the conversation by one saved with :meth:`save`; the next turn rebuilds the cache from it."""
         self.messages = read_conversation(path)
 
-    def command(self, name: str, arg: str = "") -> str:
-        """Run a slash command (from :func:`parse_command`) other than ``quit``; returns the line to show."""
-        if name == "help":
-            return help_text()
-        if name == "reset":
-            self.reset()
-            return "new conversation"
-        if name == "system":
-            self.set_system(arg or None)
-            return "system prompt set" if arg else "system prompt removed"
-        if name == "save":
-            return f"saved {len(self.messages)} messages to {self.save(arg)}"
-        if name == "load":
-            self.load(arg)
-            return f"loaded {len(self.messages)} messages from {arg}"
-        raise ValueError(f"unknown command /{name}: type /help for the list")
-
     def _encode(self, messages: list[dict[str, str]]) -> tuple[str, list[int]]:
-        # The conversation's ids: the cached ids (generated tokens as sampled) + the new text's tokens, when the
-        # new rendering extends the text the cache stands for; otherwise a fresh encoding of the whole text.
+        # The conversation's ids. When the new rendering extends the text the cache stands for, they start with the
+        # cached ids exactly as the model saw them (generated tokens as sampled, never re-encoded), followed by the
+        # new text's tokens: as a fresh encoding of the whole has them when its tokens do not merge across the old
+        # text's end, else the new text encoded on its own. Otherwise (history edited, turns dropped) a fresh
+        # encoding of the whole text.
         text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True)
         full = self.tokenizer.encode(text)
-        if self._text and text.startswith(self._text):
-            known = self.tokenizer.encode(self._text)
-            if full[: len(known)] == known:
-                return text, self._ids + full[len(known) :]
-        return text, full
+        if not (self._text and text.startswith(self._text)):
+            return text, full
+        known = self.tokenizer.encode(self._text)
+        if full[: len(known)] == known:
+            return text, self._ids + full[len(known) :]
+        return text, self._ids + self.tokenizer.encode(text[len(self._text) :], bos=False)
 
     def _trim(self, n: int) -> None:
         # Keep the first n cached tokens (of those held).
@@ -271,35 +251,3 @@ def read_conversation(path: str | Path) -> list[dict[str, str]]:
             "messages, the system one first"
         )
     return [{"role": m["role"], "content": m["content"]} for m in messages]
-
-
-def parse_command(line: str) -> tuple[str, str] | None:
-    """``"/save a.json"`` -> ``("save", "a.json")``; ``None`` for a message (``//text`` sends ``/text``).
-
-    Raises ``ValueError`` for an unknown command or a missing argument.
-    """
-    if not line.startswith("/") or line.startswith("//"):
-        return None
-    name, _, arg = line[1:].strip().partition(" ")
-    name, arg = name.lower(), arg.strip()
-    if name not in COMMANDS:
-        raise ValueError(f"unknown command /{name}: type /help for the list")
-    takes = COMMANDS[name][0]
-    if takes == "FILE" and not arg:
-        raise ValueError(f"/{name} needs a file name, e.g. /{name} chat.json")
-    if not takes and arg:
-        raise ValueError(f"/{name} takes no argument")
-    return name, arg
-
-
-def message_text(line: str) -> str:
-    """The message a non-command input line sends (``//`` escapes a leading slash)."""
-    return line[1:] if line.startswith("//") else line
-
-
-def help_text() -> str:
-    """The list of slash commands and input keys, one per line."""
-    rows = [(f"/{name} {arg}".rstrip(), about) for name, (arg, about) in COMMANDS.items()]
-    rows += [("line ending in \\", "continue the message on the next line"), ("Ctrl-C", "stop the reply")]
-    width = max(len(r[0]) for r in rows)
-    return "\n".join(f"  {left.ljust(width)}  {about}" for left, about in rows)

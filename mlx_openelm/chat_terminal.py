@@ -1,6 +1,7 @@
 """The terminal front-end of ``mlx-openelm chat``: line editing, streamed replies, Ctrl-C and Ctrl-D.
 
-Part of the command line (it prints); the conversation logic lives in ``chat.py``.
+Part of the command line (it prints): slash commands and every line the user sees; the conversation and its cache
+live in ``chat.py``.
 """
 
 from __future__ import annotations
@@ -11,9 +12,17 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from .chat import ChatSession, Notice, TurnStats, message_text, parse_command
+from .chat import ChatSession, Notice, TurnStats
 
 PROMPT, MORE = ">>> ", "... "
+COMMANDS = {  # name -> (argument, help)
+    "help": ("", "show this help"),
+    "reset": ("", "start a new conversation (the system prompt stays)"),
+    "system": ("TEXT", "set the system prompt (no TEXT: remove it)"),
+    "save": ("FILE", "save the conversation as JSON"),
+    "load": ("FILE", "load a conversation saved with /save"),
+    "quit": ("", "leave the chat (also Ctrl-D)"),
+}
 
 
 def history_file() -> Path:
@@ -39,7 +48,7 @@ def run_chat(session: ChatSession, *, verbose: bool = False, banner: str = "", *
                 if command and command[0] == "quit":
                     break
                 if command:
-                    _say(session.command(*command))
+                    _say(run_command(session, *command))
                 elif line.strip():
                     _stream(session, message_text(line), verbose, reply_options)
             except (ValueError, OSError) as e:
@@ -151,3 +160,53 @@ def _save_history(readline: Any) -> None:
         os.replace(tmp, path)
     except OSError:
         tmp.unlink(missing_ok=True)
+
+
+def parse_command(line: str) -> tuple[str, str] | None:
+    """``"/save a.json"`` -> ``("save", "a.json")``; ``None`` for a message (``//text`` sends ``/text``).
+
+    Raises ``ValueError`` for an unknown command or a missing argument.
+    """
+    if not line.startswith("/") or line.startswith("//"):
+        return None
+    name, _, arg = line[1:].strip().partition(" ")
+    name, arg = name.lower(), arg.strip()
+    if name not in COMMANDS:
+        raise ValueError(f"unknown command /{name}: type /help for the list")
+    takes = COMMANDS[name][0]
+    if takes == "FILE" and not arg:
+        raise ValueError(f"/{name} needs a file name, e.g. /{name} chat.json")
+    if not takes and arg:
+        raise ValueError(f"/{name} takes no argument")
+    return name, arg
+
+
+def message_text(line: str) -> str:
+    """The message a non-command input line sends (``//`` escapes a leading slash)."""
+    return line[1:] if line.startswith("//") else line
+
+
+def help_text() -> str:
+    """The list of slash commands and input keys, one per line."""
+    rows = [(f"/{name} {arg}".rstrip(), about) for name, (arg, about) in COMMANDS.items()]
+    rows += [("line ending in \\", "continue the message on the next line"), ("Ctrl-C", "stop the reply")]
+    width = max(len(r[0]) for r in rows)
+    return "\n".join(f"  {left.ljust(width)}  {about}" for left, about in rows)
+
+
+def run_command(session: ChatSession, name: str, arg: str = "") -> str:
+    """Run a slash command (from :func:`parse_command`) other than ``quit``; returns the line to show."""
+    if name == "help":
+        return help_text()
+    if name == "reset":
+        session.reset()
+        return "new conversation"
+    if name == "system":
+        session.set_system(arg or None)
+        return "system prompt set" if arg else "system prompt removed"
+    if name == "save":
+        return f"saved {len(session.messages)} messages to {session.save(arg)}"
+    if name == "load":
+        session.load(arg)
+        return f"loaded {len(session.messages)} messages from {arg}"
+    raise ValueError(f"unknown command /{name}: type /help for the list")

@@ -12,19 +12,20 @@ from typing import Any
 
 import mlx.core as mx
 
-from .decode import cpu_lanes, lane_streams
+from .cpu_kernels import cpu_lanes, lane_streams, row_cuts
 
-# Published unified-memory bandwidths (GB/s), OPENELM.md §8. A tuple is (fewer GPU cores, more GPU cores):
-# the binned Max chips differ in bandwidth, and the GPU core count tells them apart.
+# Apple's published unified-memory bandwidths (GB/s). A tuple is (binned chip, full chip): the binned M3 Max and
+# M4 Max have less bandwidth, and their GPU core count (below FULL_GPU_CORES, or at it) tells them apart. Chips
+# not listed (newer ones, or an M5 Pro/Max whose figures we have not seen published) are measured instead.
 APPLE_BANDWIDTH_GBPS: dict[str, float | tuple[float, float]] = {
     "M1": 68, "M1 Pro": 200, "M1 Max": 400, "M1 Ultra": 800,
     "M2": 100, "M2 Pro": 200, "M2 Max": 400, "M2 Ultra": 800,
-    "M3": 100, "M3 Pro": 150, "M3 Max": (300, 400),
+    "M3": 100, "M3 Pro": 150, "M3 Max": (300, 400), "M3 Ultra": 819,
     "M4": 120, "M4 Pro": 273, "M4 Max": (410, 546),
+    "M5": 153,
 }
+FULL_GPU_CORES = {"M3 Max": 40, "M4 Max": 40}
 _ROW = 4096  # values per row of the bandwidth probe
-# The GPU core count above which a binned Max chip is the full (faster) one.
-_FULL_MAX_GPU_CORES = {"M3 Max": 40, "M4 Max": 40}
 
 
 def _run(cmd: list[str]) -> str:
@@ -94,20 +95,17 @@ def device_info() -> dict[str, Any]:
 
 
 def known_bandwidth(chip: str | None, gpu_cores: int | None = None) -> float | None:
-    """Published bandwidth (GB/s) of an Apple M-series chip name such as ``"Apple M2 Max"``; None if unknown.
-
-    A binned chip (M3 Max, M4 Max) needs ``gpu_cores`` to tell its two bandwidths apart.
+    """Published bandwidth (GB/s) of an Apple M-series chip name such as ``"Apple M2 Max"``; None for any name
+    not in :data:`APPLE_BANDWIDTH_GBPS` (never an exception), and for a binned chip (M3 Max, M4 Max) whose
+    ``gpu_cores`` is not known.
     """
-    m = re.search(r"\b(M[1-4])(?:\s+(Pro|Max|Ultra))?\b", chip or "")
-    if not m:
-        return None
-    name = " ".join(p for p in m.groups() if p)
-    value = APPLE_BANDWIDTH_GBPS[name]
+    m = re.search(r"\b(M\d+)(?:\s+(Pro|Max|Ultra))?\b", chip or "")
+    value = APPLE_BANDWIDTH_GBPS.get(" ".join(p for p in m.groups() if p)) if m else None
     if isinstance(value, tuple):
-        if gpu_cores is None:
+        if not isinstance(gpu_cores, int):
             return None
-        return value[1] if gpu_cores >= _FULL_MAX_GPU_CORES[name] else value[0]
-    return float(value)
+        return float(value[1] if gpu_cores >= FULL_GPU_CORES[m.group(0)] else value[0])
+    return None if value is None else float(value)
 
 
 def _read(parts: list[mx.array], streams: tuple) -> None:
@@ -118,19 +116,20 @@ def _read(parts: list[mx.array], streams: tuple) -> None:
     mx.eval(sums)
 
 
-def measure_bandwidth(nbytes: int = 256 * 2**20, reps: int = 10) -> float:
+def measure_bandwidth(nbytes: int = 256 * 2**20, reps: int = 10, lanes: int | None = None) -> float:
     """Streaming-read bandwidth (GB/s) through MLX: the best of ``reps`` row sums over ``nbytes`` of float32.
 
     Row sums of 4096 values stream faster than one whole-array sum on MLX's CPU backend; the rows are split
-    across the decode step's lanes (one stream per core on the CPU), as the decode reads its weights; the best
-    rep is kept because other load on the machine can only slow a rep down.
+    across the decode step's lanes (one stream per core on the CPU, any number of them), as the decode reads its
+    weights; the best rep is kept because other load on the machine can only slow a rep down.
     """
     if nbytes < 4 * _ROW or reps < 1:
         raise ValueError(f"need nbytes >= {4 * _ROW} and reps >= 1, got {nbytes} and {reps}")
     x = mx.random.uniform(shape=(nbytes // (4 * _ROW), _ROW))
     mx.eval(x)
-    streams = lane_streams(cpu_lanes())
-    parts = mx.split(x, len(streams))
+    streams = lane_streams(lanes or cpu_lanes())
+    cut = row_cuts(x.shape[0], len(streams))
+    parts = [x[cut[i] : cut[i + 1]] for i in range(len(streams))]
     _read(parts, streams)  # first call: kernel setup, not timed
     best = float("inf")
     for _ in range(reps):
@@ -143,10 +142,11 @@ def measure_bandwidth(nbytes: int = 256 * 2**20, reps: int = 10) -> float:
     return total / 1e9 / best  # GB as 10^9 bytes, the unit bandwidths are published in
 
 
-def memory_bandwidth(info: dict[str, Any] | None = None) -> tuple[float, str]:
-    """``(GB/s, source)``: the published figure for a known Apple chip (``"table"``), else measured (``"measured"``)."""
+def memory_bandwidth(info: dict[str, Any] | None = None, probe_bytes: int = 256 * 2**20) -> tuple[float, str]:
+    """``(GB/s, source)``: the published figure for a known Apple chip on Metal (``"table"``), else measured by
+    :func:`measure_bandwidth` over ``probe_bytes`` (``"measured"``): an unknown or future chip is never an error."""
     info = info if info is not None else device_info()
     known = known_bandwidth(info.get("chip") or info.get("device_name"), info.get("gpu_cores"))
     if known is not None and info.get("backend") == "metal":
         return known, "table"
-    return measure_bandwidth(), "measured"
+    return measure_bandwidth(probe_bytes), "measured"

@@ -12,6 +12,7 @@ import hashlib
 import re
 import struct
 import tarfile
+import zlib
 from pathlib import Path
 
 from sentencepiece import sentencepiece_model_pb2 as pb
@@ -134,6 +135,18 @@ def rebuild_from_artifact(path: Path) -> bytes:
     ``path`` is the npm tarball, the PyPI sdist, or a file from either (the ``.gguf`` or ``llama-tokenizer.js``).
     """
     path = Path(path)
+    try:
+        vocab = _read_vocab(path)
+    except (tarfile.TarError, EOFError, struct.error, KeyError, IndexError, UnicodeDecodeError, zlib.error,
+            OverflowError, MemoryError) as e:
+        raise ValueError(f"{path} is truncated or corrupt ({type(e).__name__}: {e}): download it again") from None
+    model = build_model_proto(*vocab)
+    if sha256(model) != META_SHA256:
+        raise ValueError(f"the tokenizer rebuilt from {path} has sha256 {sha256(model)}, not Meta's {META_SHA256}")
+    return model
+
+
+def _read_vocab(path: Path) -> tuple[list[str], list[float], list[int]]:
     if tarfile.is_tarfile(path):
         members = read_members(path, [NPM_MEMBER, GGUF_MEMBER])
         if GGUF_MEMBER in members:
@@ -142,10 +155,6 @@ def rebuild_from_artifact(path: Path) -> bytes:
             vocab = vocab_from_llama_tokenizer_js(members[NPM_MEMBER].decode("utf-8"))
         else:
             raise ValueError(f"{path} holds neither {GGUF_MEMBER} nor {NPM_MEMBER}")
-    else:
-        data = path.read_bytes()
-        vocab = vocab_from_gguf(data) if data[:4] == b"GGUF" else vocab_from_llama_tokenizer_js(data.decode("utf-8"))
-    model = build_model_proto(*vocab)
-    if sha256(model) != META_SHA256:
-        raise ValueError(f"the tokenizer rebuilt from {path} has sha256 {sha256(model)}, not Meta's {META_SHA256}")
-    return model
+        return vocab
+    data = path.read_bytes()
+    return vocab_from_gguf(data) if data[:4] == b"GGUF" else vocab_from_llama_tokenizer_js(data.decode("utf-8"))

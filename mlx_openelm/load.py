@@ -1,33 +1,27 @@
-"""Read and write converted MLX model directories (``config.json`` + ``model*.safetensors``)."""
+"""Read and write converted MLX model directories (``config.json`` + ``model*.safetensors``).
+
+A folder is checked before anything is loaded: its ``config.json`` must parse and describe an OpenELM, and every
+weights file's header must fit the file (a truncated or corrupt file is named here, not at evaluation).
+"""
 
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import mlx.core as mx
 import mlx.nn as nn
+from mlx.utils import tree_unflatten
 from mlx_lm.utils import load_model as _mlx_lm_load_model
 from mlx_lm.utils import save_model as _mlx_lm_save_model
 
-from .config import ModelArgs, preset
-from .fileio import cache_dir, is_repo_id
+from .config import ModelArgs
+from .dtypes import parse_dtype
+from .fileio import atomic_directory, commit_directory
 from .model import Model
-
-DTYPES = {"float32": mx.float32, "bfloat16": mx.bfloat16, "float16": mx.float16}
-
-
-def parse_dtype(name: str | mx.Dtype) -> mx.Dtype:
-    """``"bfloat16"`` -> ``mx.bfloat16``; an ``mx.Dtype`` passes through."""
-    if isinstance(name, mx.Dtype):
-        return name
-    if name not in DTYPES:
-        raise ValueError(f"unknown dtype {name!r}; choose one of {', '.join(DTYPES)}")
-    return DTYPES[name]
+from .tensorfile import read_safetensors_header
 
 
 def auto_dtype(model: Model) -> mx.Dtype | None:
@@ -45,19 +39,69 @@ def auto_dtype(model: Model) -> mx.Dtype | None:
     return mx.float32 if quantized or model.transformer.norm.weight.dtype == mx.float16 else None
 
 
-def load_model(path: str | Path, dtype: str | mx.Dtype | None = None, lazy: bool = False) -> Model:
+def read_config(path: str | Path) -> ModelArgs:
+    """The ``ModelArgs`` of a converted folder (or checkpoint), every problem named with the file and the fix."""
+    path = Path(path)
+    file = path / "config.json"
+    if not file.is_file():
+        raise FileNotFoundError(f"{path} has no config.json: point to a converted model directory")
+    try:
+        config = json.loads(file.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{file} is not valid JSON ({e}): convert the model again") from None
+    if not isinstance(config, dict):
+        raise ValueError(f"{file} is not a JSON object: convert the model again")
+    try:
+        return ModelArgs.from_dict(config)
+    except (ValueError, TypeError) as e:
+        raise ValueError(f"{file}: {e}") from None
+
+
+def check_folder(path: str | Path) -> ModelArgs:
+    """Check a converted folder without loading it: its config and every weights file's header."""
+    path = Path(path)
+    args = read_config(path)
+    files = sorted(path.glob("model*.safetensors"))
+    if not files:
+        raise FileNotFoundError(f"{path} has no model*.safetensors: convert a checkpoint first (mlx-openelm convert)")
+    for file in files:
+        read_safetensors_header(file)
+    return args
+
+
+def apply_adapter(model: Model, adapter_path: str | Path) -> Model:
+    """Apply a LoRA/DoRA adapter trained by ``mlx_lm.lora`` and fuse it into the weights (as ``mlx_lm.fuse``
+    does), so the fused model runs through the compiled decode step like any other."""
+    from mlx_lm.tuner.utils import load_adapters
+
+    adapter_path = Path(adapter_path)
+    if not (adapter_path / "adapter_config.json").is_file() or not (adapter_path / "adapters.safetensors").is_file():
+        raise FileNotFoundError(f"--adapter-path {adapter_path}: expected adapter_config.json and adapters.safetensors "
+                                "(written by mlx_lm.lora)")
+    try:
+        load_adapters(model, str(adapter_path))
+    except (KeyError, TypeError, AttributeError) as e:
+        raise ValueError(f"{adapter_path}/adapter_config.json is not an mlx_lm adapter config ({e!r})") from None
+    fused = [(name, m.fuse()) for name, m in model.named_modules() if hasattr(m, "fuse")]
+    if fused:
+        model.update_modules(tree_unflatten(fused))
+    return model
+
+
+def load_model(path: str | Path, dtype: str | mx.Dtype | None = None, lazy: bool = False,
+               adapter_path: str | Path | None = None) -> Model:
     """Load a converted directory; quantized layers are rebuilt from its ``quantization`` record.
 
     ``dtype`` casts the floating-point parameters (quantization scales included; packed weights stay packed);
     ``"auto"`` picks the fastest for this backend (:func:`auto_dtype`); None keeps the stored dtype.
+    ``adapter_path``: an ``mlx_lm.lora`` adapter to apply and fuse (:func:`apply_adapter`).
     """
     path = Path(path)
-    if not (path / "config.json").is_file():
-        raise FileNotFoundError(f"{path} has no config.json: point to a converted model directory")
-    if not list(path.glob("model*.safetensors")):
-        raise FileNotFoundError(f"{path} has no model*.safetensors: convert a checkpoint first (mlx-openelm convert)")
+    check_folder(path)
     # mlx-lm's loader already does the quantized rebuild (per-layer overrides included) and strict loading.
     model, _ = _mlx_lm_load_model(path, lazy=True, get_model_classes=lambda config: (Model, ModelArgs))
+    if adapter_path is not None:
+        apply_adapter(model, adapter_path)
     if isinstance(dtype, str) and dtype == "auto":
         dtype = auto_dtype(model)
     if dtype is not None:
@@ -65,75 +109,6 @@ def load_model(path: str | Path, dtype: str | mx.Dtype | None = None, lazy: bool
     if not lazy:
         mx.eval(model.parameters())
     return model
-
-
-def load(path: str | Path, dtype: str | mx.Dtype | None = "auto", chat_template: str | Path | None = None):
-    """``model, tokenizer = load(path)`` for a converted model directory, or a Hugging Face repo id (converted on
-    first use, see :func:`resolve_model`); ``dtype`` as for :func:`load_model`."""
-    from .tokenizer import load_tokenizer
-
-    path = resolve_model(path)
-    model = load_model(path, dtype=dtype)
-    return model, load_tokenizer(path, chat_template=chat_template)
-
-
-def resolve_model(name: str | Path) -> Path:
-    """A converted model folder for ``name``: a local path as is, or for a Hugging Face repo id
-    (``apple/OpenELM-270M-Instruct``) its conversion in the user cache (:func:`~mlx_openelm.fileio.cache_dir`),
-    made on first use."""
-    text = str(name)
-    path = Path(text).expanduser()
-    if path.exists() or not is_repo_id(text):
-        return path
-    target = cache_dir() / "models" / text.replace("/", "--")
-    if not (target / "config.json").is_file():
-        from .convert import convert
-
-        convert(text, target, force=target.exists())
-    return target
-
-
-def random_model(
-    name: str = "OpenELM-270M",
-    dtype: str | mx.Dtype = mx.bfloat16,
-    seed: int = 0,
-    **overrides: Any,
-) -> Model:
-    """A model with random weights from a preset (``overrides`` replace config fields), for tests and benchmarks."""
-    args = name if isinstance(name, ModelArgs) else preset(name, **overrides)
-    mx.random.seed(seed)
-    model = Model(args)
-    # Embedding std 4/sqrt(dim): tied logits then spread by about 4, like a trained model's (peaked, not flat).
-    emb = model.transformer.token_embeddings
-    emb.weight = mx.random.normal(emb.weight.shape) * (4 / args.model_dim**0.5)
-    model.set_dtype(parse_dtype(dtype))
-    mx.eval(model.parameters())
-    return model
-
-
-def refuse_existing(target: Path, force: bool = False) -> None:
-    """Raise ``FileExistsError`` when ``target`` exists and ``force`` is not set."""
-    if target.exists() and not force:
-        raise FileExistsError(f"{target} already exists: choose another output or pass --force to replace it")
-
-
-def atomic_directory(target: Path, force: bool = False) -> Path:
-    """A fresh temporary directory beside ``target``; move it into place with :func:`commit_directory`."""
-    refuse_existing(target, force)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    return Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
-
-
-def commit_directory(tmp: Path, target: Path) -> None:
-    """Replace ``target`` by ``tmp`` (the old output is removed only once the new one is complete)."""
-    if target.exists():
-        old = target.with_name(f".{target.name}.old")
-        shutil.rmtree(old, ignore_errors=True)
-        os.replace(target, old)
-        os.replace(tmp, target)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(tmp, target)
 
 
 def save(model: Model, path: str | Path, config: dict[str, Any] | None = None, force: bool = False) -> Path:

@@ -56,19 +56,43 @@ def make_sampler(
         filters.append(lambda x: apply_top_p(x, top_p))
     if min_p > 0:
         filters.append(lambda x: apply_min_p(x, min_p))
-    key = None if seed is None else mx.random.key(seed)
+    return FilteredSampler(temp, filters, seed)
 
-    def sampler(logprobs: mx.array) -> mx.array:
-        nonlocal key
-        x = logprobs * (1 / temp)
-        for f in filters:
+
+class FilteredSampler:
+    """Temperature, then filters, then a categorical draw; made by :func:`make_sampler`.
+
+    Speculative sampling needs the distribution itself (:meth:`logits`) and draws from the same random state
+    (:meth:`uniform`, :meth:`categorical`), so they are exposed beside ``__call__``.
+    """
+
+    def __init__(self, temp: float, filters: list[Callable[[mx.array], mx.array]], seed: int | None):
+        self.temp, self.filters = temp, filters
+        self.key = None if seed is None else mx.random.key(seed)
+
+    def logits(self, logprobs: mx.array) -> mx.array:
+        """The unnormalized log-probabilities sampled from: ``logprobs / temp``, filtered (dropped tokens -inf)."""
+        x = logprobs * (1 / self.temp)
+        for f in self.filters:
             x = f(x)
-        if key is None:
-            return mx.random.categorical(x)
-        key, sub = mx.random.split(key)
-        return mx.random.categorical(x, key=sub)
+        return x
 
-    return sampler
+    def _key(self) -> mx.array | None:
+        if self.key is None:
+            return None
+        self.key, sub = mx.random.split(self.key)
+        return sub
+
+    def categorical(self, logits: mx.array) -> mx.array:
+        """A draw from ``softmax(logits)`` per row."""
+        return mx.random.categorical(logits, key=self._key())
+
+    def uniform(self, shape: tuple[int, ...]) -> mx.array:
+        """Uniform draws in [0, 1)."""
+        return mx.random.uniform(shape=shape, key=self._key())
+
+    def __call__(self, logprobs: mx.array) -> mx.array:
+        return self.categorical(self.logits(logprobs))
 
 
 def make_logits_processors(

@@ -1,4 +1,4 @@
-"""The paper-style table: each model size x (unquantized, 8-bit, 4-bit), as Markdown, JSON and a PNG chart."""
+"""The paper-style table: each model size x (unquantized, 8-bit, 4-bit), as Markdown, JSON and (matplotlib) a PNG."""
 
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ from .bench import (
     write_atomic,
     write_json,
 )
-from .chart import bar_chart_png
+from .chart import bar_chart_png, chart_available
 from .config import PRESETS, ModelArgs, preset
 from .device import device_info, memory_bandwidth
 
@@ -140,16 +140,20 @@ def sweep_chart(results: list[BenchResult]) -> bytes:
     )
 
 
-def sweep_paths(prefix: str | Path) -> list[Path]:
-    """``PREFIX.md``, ``PREFIX.json``, ``PREFIX.png``, checked writable (call it before a long sweep)."""
+def sweep_paths(prefix: str | Path, chart: bool | None = None) -> list[Path]:
+    """``PREFIX.md``, ``PREFIX.json`` and (when matplotlib is installed, or ``chart``) ``PREFIX.png``, checked
+    writable (call it before a long sweep)."""
     prefix = Path(prefix)
-    return [check_output(prefix.with_name(prefix.name + ext)) for ext in (".md", ".json", ".png")]
+    exts = (".md", ".json", ".png") if (chart_available() if chart is None else chart) else (".md", ".json")
+    return [check_output(prefix.with_name(prefix.name + ext)) for ext in exts]
 
 
 def write_sweep(results: list[BenchResult], prefix: str | Path) -> list[Path]:
-    """Write the Markdown table, the JSON of every run and the PNG chart atomically; returns their paths."""
-    md, js, png = sweep_paths(prefix)
-    write_atomic(md, sweep_markdown(results))
-    write_json(js, {"results": [r.to_dict() for r in results]})
-    write_atomic(png, sweep_chart(results))
-    return [md, js, png]
+    """Write the Markdown table, the JSON of every run and, with matplotlib, the PNG chart, each atomically;
+    returns their paths."""
+    paths = sweep_paths(prefix)
+    write_atomic(paths[0], sweep_markdown(results))
+    write_json(paths[1], {"results": [r.to_dict() for r in results]})
+    if len(paths) > 2:
+        write_atomic(paths[2], sweep_chart(results))
+    return paths

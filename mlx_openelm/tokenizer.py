@@ -6,6 +6,7 @@ Acquiring Meta's ``tokenizer.model`` (it is not in Apple's repos) lives in ``tok
 from __future__ import annotations
 
 import codecs
+import functools
 import json
 import re
 from pathlib import Path
@@ -38,7 +39,11 @@ def _replace_one_byte(err: UnicodeDecodeError) -> tuple[str, int]:
     return "\ufffd", err.start + 1
 
 
-codecs.register_error("mlx_openelm.spm_replace", _replace_one_byte)
+@functools.cache
+def _error_handler() -> str:
+    # Registered on first use, not at import: importing the library changes no global state.
+    codecs.register_error("mlx_openelm.spm_replace", _replace_one_byte)
+    return "mlx_openelm.spm_replace"
 
 
 class Tokenizer:
@@ -53,6 +58,9 @@ class Tokenizer:
         self._special_ids = {sp.id_to_piece(i): i for i in specials}
         self._special_re = re.compile("|".join(re.escape(p) for p in self._special_ids))
         self._template = _compile_template(chat_template, template_origin) if chat_template else None
+        self._template_origin = template_origin
+        if self._template is not None:  # a template that cannot render fails now, before any model loads
+            self.apply_chat_template([{"role": "user", "content": "Hello"}])
         self._piece_bytes: list[bytes] | None = None
 
     @classmethod
@@ -128,11 +136,15 @@ class Tokenizer:
         if self._template is None:
             return COMPLETION_SEPARATOR.join(m["content"] for m in messages)
         try:
-            return self._template.render(messages=messages, add_generation_prompt=add_generation_prompt,
+            text = self._template.render(messages=messages, add_generation_prompt=add_generation_prompt,
                                          bos_token=self.sp.id_to_piece(self.bos_id),
                                          eos_token=self.sp.id_to_piece(self.eos_id))
-        except jinja2.TemplateError as e:
-            raise ValueError(f"chat template failed to render: {e}") from None
+        except Exception as e:  # a user's template can raise anything (TemplateError, ZeroDivisionError, ...)
+            raise ValueError(f"the chat template in {self._template_origin} failed to render "
+                             f"({type(e).__name__}: {e}): fix the template") from None
+        if not isinstance(text, str):
+            raise ValueError(f"the chat template in {self._template_origin} did not render text")
+        return text
 
 
 class StreamingDetokenizer:
@@ -146,7 +158,7 @@ class StreamingDetokenizer:
     def __init__(self, piece_bytes: list[bytes], sp: spm.SentencePieceProcessor):
         self._bytes = piece_bytes
         self._sp = sp
-        self._decoder = codecs.getincrementaldecoder("utf-8")(errors="mlx_openelm.spm_replace")
+        self._decoder = codecs.getincrementaldecoder("utf-8")(errors=_error_handler())
         self._at_start = True
 
     def add(self, token_id: int) -> str:

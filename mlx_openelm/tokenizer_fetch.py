@@ -24,6 +24,7 @@ from mlx_openelm.llama_vocab import META_SHA256, NPM_PACKAGE, PYPI_PACKAGE, rebu
 from mlx_openelm.tokenizer import INSTRUCT_CHAT_TEMPLATE
 from mlx_openelm.tokenizer_json import write_hf_files
 
+TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json")
 HOW_TO_SUPPLY = ("supply it with --tokenizer PATH_OR_REPO (a tokenizer.model, a Hugging Face repo id with HF_TOKEN "
                  "set, or a downloaded llama-tokenizer-js-1.2.2.tgz or llama_cpp_python-0.3.36.tar.gz)")
 _NETWORK_ERRORS = re.compile(r"ENOTFOUND|ECONNREFUSED|ECONNRESET|ETIMEDOUT|EAI_AGAIN|ENETUNREACH|NewConnectionError|"
@@ -172,10 +173,18 @@ def fetch_tokenizer(dest_dir: Path, source_dir: Path | None = None, tokenizer: s
         raise TokenizerUnavailable(" ".join(message.split("\n"))) from None
     dest_dir = Path(dest_dir)
     dest_dir.mkdir(parents=True, exist_ok=True)
-    path = dest_dir / "tokenizer.model"
-    atomic_write(path, data)
-    write_hf_files(path, dest_dir, INSTRUCT_CHAT_TEMPLATE if instruct else None)
-    return FetchResult(path, route, sha256(data), note)
+    # The three files are written and checked in a folder of their own first, then moved in: a failed parity
+    # check leaves the destination as it was, never a mismatched set.
+    staging = Path(tempfile.mkdtemp(prefix=".tokenizer.", dir=dest_dir))
+    try:
+        atomic_write(staging / "tokenizer.model", data)
+        write_hf_files(staging / "tokenizer.model", staging, INSTRUCT_CHAT_TEMPLATE if instruct else None)
+        for name in TOKENIZER_FILES:
+            os.chmod(staging / name, 0o644)
+            os.replace(staging / name, dest_dir / name)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return FetchResult(dest_dir / "tokenizer.model", route, sha256(data), note)
 
 
 def ensure_tokenizer(dest_dir: Path, source_dir: Path | None = None, tokenizer: str | None = None,

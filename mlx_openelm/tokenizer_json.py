@@ -13,6 +13,8 @@ from pathlib import Path
 
 import sentencepiece as spm
 
+from mlx_openelm.fileio import atomic_write
+
 SPACE = "\u2581"
 
 # Strings the parity check runs after writing: the cases where tokenizers most often differ.
@@ -113,9 +115,7 @@ def write_hf_files(model_path: Path, dest_dir: Path, chat_template: str | None =
     sp = spm.SentencePieceProcessor(model_file=str(model_path))
     for name, content in (("tokenizer.json", tokenizer_json(sp)),
                           ("tokenizer_config.json", tokenizer_config(sp, chat_template))):
-        tmp = dest_dir / f".{name}.tmp"
-        tmp.write_text(json.dumps(content, ensure_ascii=False, indent=2), encoding="utf-8")
-        tmp.replace(dest_dir / name)
+        atomic_write(dest_dir / name, json.dumps(content, ensure_ascii=False, indent=2))
     check_parity(dest_dir / "tokenizer.json", sp)
 
 

@@ -10,7 +10,8 @@ from spm_util import train_spm
 from tiny import tiny_args
 
 from mlx_openelm import make_cache, random_model
-from mlx_openelm.chat import ChatSession, Notice, parse_command, read_conversation
+from mlx_openelm.chat import ChatSession, Notice, read_conversation
+from mlx_openelm.chat_terminal import parse_command, run_command
 from mlx_openelm.tokenizer import INSTRUCT_CHAT_TEMPLATE, Tokenizer
 
 
@@ -75,6 +76,38 @@ def test_second_turn_prefills_only_its_new_tokens(tokenizer):
     # What the model was actually given: the new tokens, then one token per decode step.
     assert session.model.fed[0] <= second.prefilled
     assert sum(session.model.fed) <= second.prefilled + second.generation_tokens
+    assert_cache_is_full_prefill(session)
+
+
+# A template whose assistant turn ends in text that merges with the reply's last characters ("Hel" + "lo").
+MERGING_TEMPLATE = ("{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}{% if m['role'] == 'assistant' %}lo"
+                    "{% endif %}\n{% endfor %}{% if add_generation_prompt %}assistant: {% endif %}")
+
+
+def test_generated_ids_are_kept_not_re_encoded(tokenizer):
+    # A reply spelled in byte pieces decodes to text that re-encodes to other ids, and the template's next text
+    # merges with its end: a fresh encoding of the conversation would change the reply's tokens. The cache holds
+    # the ids the model saw; the next turn must reuse them all and prefill only the new text.
+    tok = Tokenizer(tokenizer.sp, chat_template=MERGING_TEMPLATE)
+    script = [tok.sp.piece_to_id(f"<0x{ord(c):02X}>") for c in "Hel"] + [tok.eos_id]
+    steps = iter(script)
+
+    def scripted(logprobs):
+        return mx.array([next(steps, tok.eos_id)])  # the step after EOS is queued before it is read
+
+    session = make_session(tok)
+    reply, _ = say(session, "Hello world!", max_tokens=32, sampler=scripted)
+    assert reply == "Hel" and session.last_turn.finish_reason == "stop"
+    first, kept = session.last_turn.prompt_tokens, len(script) - 1
+    assert session.tokens[first:] == script[:-1]  # the generated ids, not an encoding of their text
+    rendered = tok.apply_chat_template([{"role": "user", "content": "Hello world!"},
+                                        {"role": "assistant", "content": "Hel"}, {"role": "user", "content": "Go"}])
+    assert tok.encode(rendered)[: first + kept] != session.tokens  # a fresh encoding differs from what was cached
+    say(session, "Go", max_tokens=4)
+    turn = session.last_turn
+    assert turn.reused == first + kept and turn.prefilled == turn.prompt_tokens - turn.reused
+    before = tok.apply_chat_template([{"role": "user", "content": "Hello world!"}]) + "Hel"
+    assert turn.prefilled == len(tok.encode(rendered[len(before) :], bos=False))
     assert_cache_is_full_prefill(session)
 
 
@@ -183,15 +216,17 @@ def test_bad_input_is_a_one_line_error_and_the_session_goes_on(tokenizer, tmp_pa
     with pytest.raises(ValueError, match="not a saved chat"):
         read_conversation(tmp_path / "shape.json")
     with pytest.raises(FileNotFoundError, match="no such file"):
-        session.command("load", str(tmp_path / "missing.json"))
+        run_command(session, "load", str(tmp_path / "missing.json"))
     with pytest.raises(ValueError, match="does not fit"):
         say(session, "Hello world! " * 40)
     assert session.messages == []
 
-    bad = Tokenizer(tokenizer.sp, chat_template="{{ raise_exception('no chats here') }}")
-    broken = ChatSession(session.model, bad)
-    with pytest.raises(ValueError, match="chat template failed to render: no chats here"):
-        say(broken, "Hello")
+    with pytest.raises(ValueError, match="failed to render .TemplateError: no chats here"):
+        Tokenizer(tokenizer.sp, chat_template="{{ raise_exception('no chats here') }}")  # fails when loaded
+    picky = "{% for m in messages %}{% if m['content'] == 'Hi' %}{{ 1 / 0 }}{% endif %}{{ m['content'] }}{% endfor %}"
+    broken = ChatSession(session.model, Tokenizer(tokenizer.sp, chat_template=picky))
+    with pytest.raises(ValueError, match="failed to render .ZeroDivisionError"):
+        say(broken, "Hi")
     assert broken.messages == []
     say(session, "Hello", max_tokens=4)
     assert session.last_turn.generation_tokens >= 1 and len(session.messages) == 2

@@ -261,7 +261,7 @@ def test_cli_bad_input_is_one_line_and_exit_1(monkeypatch, capsys, model_dir, ar
 def test_resolve_model_uses_paths_as_given_and_converts_repo_ids_once(tmp_path, monkeypatch, model_dir):
     import huggingface_hub.constants
 
-    from mlx_openelm.load import resolve_model
+    from mlx_openelm.hub import resolve_model
 
     monkeypatch.setenv("MLX_OPENELM_CACHE", str(tmp_path / "home"))
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)

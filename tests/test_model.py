@@ -9,7 +9,6 @@ from numpy_reference import forward
 from tiny import TINY_CONFIG, tiny_args
 
 from mlx_openelm import Model, make_cache, preset, random_model
-from mlx_openelm.model import Attention
 
 
 def _tiny(dtype="float32", seed=0):
@@ -48,14 +47,6 @@ def test_float32_matches_independent_numpy_reference():
     ours = np.array(model(tokens))
     ref = forward(_weights(model), TINY_CONFIG, np.array(tokens))
     assert np.abs(ours - ref).max() < 1e-4
-
-
-def test_gqa_never_repeats_kv(monkeypatch):
-    calls = []
-    monkeypatch.setattr(mx, "repeat", lambda *a, **k: calls.append(a))
-    _tiny()(_tokens())
-    assert calls == []
-    assert all(isinstance(layer.attn, Attention) for layer in _tiny().layers)
 
 
 @pytest.mark.parametrize("batch", [1, 2])

@@ -93,7 +93,7 @@ def model_args(vocab_size: int) -> ModelArgs:
         **layer_wise_scaling(LAYERS, MODEL_DIM, HEAD_DIM, GQA_GROUPS, QKV_MULTIPLIERS, FFN_MULTIPLIERS),
         "ffn_dim_divisor": FFN_DIVISOR,
         "vocab_size": vocab_size,
-        "max_context_length": 256,
+        "max_context_length": 512,
     })
 
 

@@ -1,0 +1,174 @@
+"""Continuous batching: independent sequences decoded together, each at its own position, through the compiled step.
+
+A sequence joins after its prompt has been prefilled into a one-row cache (in chunks, so the scheduler can
+interleave them with decode steps); joining appends its row to the batch's KV buffers, leaving removes it. The
+decode step itself is the one of ``decode.py`` with a position per row; a row never sees another row's keys
+(each attends to its own prefix), so a sequence decodes to the same tokens alone or in any batch.
+
+This module computes steps; who joins and when (queues, HTTP) is the server's scheduler's business.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import mlx.core as mx
+import mlx.nn as nn
+
+from . import cpu_kernels as ck
+from .cache import make_cache
+from .decode import DecodeStep, attention_window, plan_and_params, resolve_kernels, step_function
+from .runner import generation_stream
+from .sample import LogitsProcessor, Sampler, greedy
+
+CAPACITY_STEP = 256
+
+
+@dataclass(eq=False)
+class Row:
+    """One sequence in the batch: the last token (not yet fed), how many positions its cache holds, and how its
+    tokens are chosen. ``tag`` is the caller's (a request)."""
+
+    last: int
+    position: int
+    sampler: Sampler
+    processors: list[LogitsProcessor]
+    history: list[int]  # every token fed so far, for the processors
+    tag: Any = None
+    logprobs: mx.array | None = field(default=None, repr=False)
+
+
+class Prefill:
+    """A prompt being put into a one-row cache, a chunk at a time; :meth:`BatchDecoder.join` makes it a row."""
+
+    def __init__(self, model: nn.Module, ids: Sequence[int], capacity: int, kernels: str, prefix: list | None = None):
+        self.ids, self.done_upto = list(ids), 0
+        self.cache = make_cache(model)
+        if prefix is not None:  # keys/values of the first positions, reused from an earlier conversation
+            for c, (k, v) in zip(self.cache, prefix):
+                c.keys, c.values, c.offset = k, v, k.shape[2]
+            self.done_upto = prefix[0][0].shape[2]
+        self.step = DecodeStep(model, self.cache, kernels=kernels)
+        self.step.reserve(capacity)
+
+    @property
+    def remaining(self) -> int:
+        """Prompt tokens still to prefill (all but the last, which the first decode step feeds)."""
+        return len(self.ids) - 1 - self.done_upto
+
+    def advance(self, chunk: int) -> None:
+        """Prefill up to ``chunk`` more tokens."""
+        end = min(self.done_upto + chunk, len(self.ids) - 1)
+        if end > self.done_upto:
+            self.step.prefill(mx.array([self.ids[self.done_upto : end]]))
+            mx.eval([c.state for c in self.cache])
+            self.done_upto = end
+
+
+class BatchDecoder:
+    """The running batch of ``model``: :meth:`join` a prefilled sequence, :meth:`step` all rows one token,
+    :meth:`leave`. Rows keep the order they joined in, less those that left."""
+
+    def __init__(self, model: nn.Module, kernels: str = "auto"):
+        self.model = model
+        self.kernels = resolve_kernels(kernels)
+        lanes = ck.cpu_lanes()
+        plan, self.params = plan_and_params(model, lanes, self.kernels)
+        self.fn = step_function(plan)
+        self.rows: list[Row] = []
+        self.keys: list[mx.array] = []
+        self.values: list[mx.array] = []
+        self.capacity = 0
+        self.max_positions = max(model.args.max_context_length, model.args.rope_max_length)
+
+    def prefill(self, ids: Sequence[int], max_tokens: int, prefix: list | None = None) -> Prefill:
+        """Start putting a prompt in (then :meth:`Prefill.advance` it, then :meth:`join`)."""
+        return Prefill(self.model, ids, len(ids) + max_tokens, self.kernels, prefix)
+
+    def join(self, pre: Prefill, sampler: Sampler | None = None, processors: Sequence[LogitsProcessor] = (),
+             tag: Any = None) -> Row:
+        """Add a fully prefilled sequence as a row of the batch."""
+        if pre.remaining:
+            raise ValueError(f"{pre.remaining} prompt tokens are not prefilled yet")
+        need = -(-max(pre.cache[0].keys.shape[2], 1) // CAPACITY_STEP) * CAPACITY_STEP
+        self._grow(need)
+        for layer, c in enumerate(pre.cache):
+            k, v = _padded(c.keys, self.capacity), _padded(c.values, self.capacity)
+            if self.rows:
+                self.keys[layer] = mx.concatenate([self.keys[layer], k])
+                self.values[layer] = mx.concatenate([self.values[layer], v])
+            else:
+                self.keys.append(k)
+                self.values.append(v)
+        row = Row(pre.ids[-1], pre.done_upto, sampler or greedy, list(processors), pre.ids[:-1], tag)
+        self.rows.append(row)
+        mx.eval(self.keys, self.values)
+        return row
+
+    def leave(self, rows: Sequence[Row]) -> None:
+        """Remove ``rows`` from the batch (their cache rows are dropped)."""
+        gone = {id(r) for r in rows}
+        keep = [i for i, r in enumerate(self.rows) if id(r) not in gone]
+        if len(keep) == len(self.rows):
+            return
+        self.rows = [self.rows[i] for i in keep]
+        if not keep:
+            self.keys, self.values, self.capacity = [], [], 0
+            return
+        index = mx.array(keep)
+        self.keys = [k[index] for k in self.keys]
+        self.values = [v[index] for v in self.values]
+        mx.eval(self.keys, self.values)
+
+    def row_cache(self, row: Row, upto: int) -> list[tuple[mx.array, mx.array]]:
+        """Copies of the first ``upto`` cached positions of ``row`` (for the prompt-prefix cache)."""
+        i = self.rows.index(row)
+        return [(k[i : i + 1, :, :upto], v[i : i + 1, :, :upto]) for k, v in zip(self.keys, self.values)]
+
+    def step(self) -> list[int]:
+        """Feed every row its last token; returns the next token of each row, in row order."""
+        if not self.rows:
+            return []
+        positions = [r.position for r in self.rows]
+        if max(positions) + 1 > self.max_positions:
+            raise ValueError(f"position {max(positions) + 1} is past the {self.max_positions} the model supports")
+        self._grow(max(positions) + 1)
+        window = attention_window(max(positions) + 1, self.capacity)
+        tokens = mx.array([[r.last] for r in self.rows], dtype=mx.uint32)
+        with mx.stream(generation_stream()):
+            logits, self.keys, self.values = self.fn.compiled(tokens, mx.array(positions, dtype=mx.int32), window,
+                                                              False, self.keys, self.values, self.params)
+            chosen = []
+            for i, row in enumerate(self.rows):
+                row.history.append(row.last)
+                x = logits[i : i + 1]
+                if row.processors:
+                    h = mx.array(row.history)
+                    for p in row.processors:
+                        x = p(h, x)
+                row.logprobs = x - mx.logsumexp(x, axis=-1, keepdims=True)
+                chosen.append(mx.argmax(x, axis=-1) if row.sampler is greedy else row.sampler(row.logprobs))
+            out = mx.concatenate(chosen).tolist()
+        for row, token in zip(self.rows, out):
+            row.last, row.position = token, row.position + 1
+        return out
+
+    def _grow(self, positions: int) -> None:
+        need = -(-positions // CAPACITY_STEP) * CAPACITY_STEP
+        if need <= self.capacity:
+            return
+        if self.rows:
+            self.keys = [_padded(k, need) for k in self.keys]
+            self.values = [_padded(v, need) for v in self.values]
+        self.capacity = need
+
+
+def _padded(x: mx.array, capacity: int) -> mx.array:
+    """``x[..., :capacity, :]``, zero-padded along the sequence axis when shorter."""
+    have = x.shape[2]
+    if have >= capacity:
+        return x[:, :, :capacity]
+    pad = mx.zeros((x.shape[0], x.shape[1], capacity - have, x.shape[3]), x.dtype)
+    return mx.concatenate([x, pad], axis=2)

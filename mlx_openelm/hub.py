@@ -1,0 +1,41 @@
+"""Models by name: a converted folder, or a Hugging Face repo id converted on first use into the user cache.
+
+This sits after the converter and the loader in the data flow (it calls both); neither imports it.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import mlx.core as mx
+
+from .convert import convert
+from .fileio import cache_dir, is_repo_id
+from .load import check_folder, load_model
+from .model import Model
+from .tokenizer import Tokenizer, load_tokenizer
+
+
+def resolve_model(name: str | Path) -> Path:
+    """A converted model folder for ``name``: a local path as is, or for a Hugging Face repo id
+    (``apple/OpenELM-270M-Instruct``) its conversion in the user cache (:func:`~mlx_openelm.fileio.cache_dir`),
+    made on first use."""
+    text = str(name)
+    path = Path(text).expanduser()
+    if path.exists() or not is_repo_id(text):
+        return path
+    target = cache_dir() / "models" / text.replace("/", "--")
+    if not (target / "config.json").is_file():
+        convert(text, target, force=target.exists())
+    return target
+
+
+def load(path: str | Path, dtype: str | mx.Dtype | None = "auto", chat_template: str | Path | None = None,
+         adapter_path: str | Path | None = None) -> tuple[Model, Tokenizer]:
+    """``model, tokenizer = load(path)`` for a converted model directory, or a Hugging Face repo id (converted on
+    first use, see :func:`resolve_model`); ``dtype`` and ``adapter_path`` as for
+    :func:`~mlx_openelm.load.load_model`. The folder and the tokenizer are checked before the weights load."""
+    folder = resolve_model(path)
+    check_folder(folder)
+    tokenizer = load_tokenizer(folder, chat_template=chat_template)
+    return load_model(folder, dtype=dtype, adapter_path=adapter_path), tokenizer

@@ -1,0 +1,118 @@
+"""What every generation loop runs in: its stream, the token budget, the wired-memory limit, the compiled step
+and the chunked prefill. Shared by plain (``generate.py``) and speculative (``speculative.py``) decoding.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import warnings
+from collections.abc import Iterator
+from typing import Any
+
+import mlx.core as mx
+import mlx.nn as nn
+from mlx.utils import tree_flatten
+
+from .cache import is_fixed_capacity
+from .decode import DecodeStep
+from .model import Model
+
+_STREAMS: dict[str, Any] = {}
+
+
+def generation_stream() -> Any:
+    """A stream just for generation on the default device, so its work queues behind nothing else (one per device
+    and thread, made on first use: importing the library creates no MLX state). Reusing it matters: compiled
+    functions are traced per stream."""
+    device = mx.default_device()
+    key = str(device)  # mx.Device hashes by identity, and default_device() returns a new object each call
+    if key not in _STREAMS:
+        _STREAMS[key] = mx.new_thread_local_stream(device)
+    return _STREAMS[key]
+
+
+
+def token_budget(model: nn.Module, prompt_tokens: int, max_tokens: int, cache: list | None = None,
+                 max_kv_size: int | None = None) -> int:
+    """How many tokens may be generated: ``max_tokens``, capped by the context limit unless the cache rotates.
+
+    Raises ``ValueError`` when the prompt (after what ``cache`` already holds) leaves no room.
+    """
+    if not isinstance(max_tokens, int) or max_tokens < 1:
+        raise ValueError(f"max_tokens must be an integer >= 1, got {max_tokens!r}")
+    if prompt_tokens < 1:
+        raise ValueError("the prompt is empty: give at least one token")
+    held = cache[0].offset if cache else 0
+    limit = getattr(model.args, "max_context_length", None)  # mlx-lm's model class does not record it
+    if limit is None:
+        return max_tokens
+    if held + prompt_tokens >= limit:
+        where = f" after {held} cached tokens" if held else ""
+        raise ValueError(f"the prompt has {prompt_tokens} tokens{where} but the model's context holds {limit}: "
+                         "shorten the prompt")
+    rotating = max_kv_size is not None or bool(cache and hasattr(cache[0], "max_size"))
+    return max_tokens if rotating else min(max_tokens, limit - held - prompt_tokens)
+
+
+@contextlib.contextmanager
+def wired_limit(model: nn.Module, cache_bytes: int = 0, stream: Any = None) -> Iterator[None]:
+    """On Metal, keep the weights wired while generating, and warn when model + cache near the working set.
+
+    A no-op on other backends (CPU, CUDA).
+    """
+    limit = mx.device_info().get("max_recommended_working_set_size") if mx.metal.is_available() else None
+    if not limit:
+        yield
+        return
+    need = sum(v.nbytes for _, v in tree_flatten(model.parameters())) + cache_bytes
+    if need > 0.9 * limit:
+        warnings.warn(f"model and cache need {need / 2**30:.1f} GiB, close to this device's recommended working "
+                      f"set of {limit / 2**30:.1f} GiB: generation may be slow (try --kv-bits or a smaller model)",
+                      stacklevel=3)
+    old = mx.set_wired_limit(limit)
+    try:
+        yield
+    finally:
+        mx.synchronize(stream or generation_stream())
+        mx.set_wired_limit(old)
+
+
+def kv_cache_bytes(model: nn.Module, tokens: int, max_kv_size: int | None = None, kv_bits: int | None = None) -> int:
+    """Bytes the KV cache will hold for ``tokens`` positions: a rotating cache holds at most ``max_kv_size``; a
+    quantized one ``kv_bits`` per value plus a float scale and bias per group (mlx-lm's ``QuantizedKVCache``)."""
+    args = model.args
+    tokens = min(tokens, max_kv_size) if max_kv_size else tokens
+    values = 2 * sum(args.num_kv_heads) * args.head_dim * tokens
+    itemsize = model.transformer.norm.weight.dtype.size
+    if kv_bits:
+        group = min(64, args.head_dim)
+        return values * kv_bits // 8 + 2 * (values // group) * itemsize
+    return values * itemsize
+
+
+def check_prompt(prompt: mx.array, prefill_step_size: int) -> None:
+    """Reject a prompt that is not 1-D token ids, and a chunk size that is not a positive integer."""
+    if prompt.ndim != 1:
+        raise ValueError(f"prompt must be a 1-D array of token ids, got shape {tuple(prompt.shape)}")
+    if not isinstance(prefill_step_size, int) or prefill_step_size < 1:
+        raise ValueError(f"prefill_step_size must be an integer >= 1, got {prefill_step_size!r}")
+
+
+def decode_step(model: nn.Module, cache: list, compile: bool, kernels: str = "auto") -> DecodeStep | None:
+    """The compiled step for this project's ``Model`` over a plain cache; None where the model's own forward runs
+    (``compile=False``, a rotating or quantized cache, another model class such as mlx-lm's or a wrapper)."""
+    fast = compile and isinstance(model, Model) and is_fixed_capacity(cache)
+    return DecodeStep(model, cache, kernels=kernels) if fast else None
+
+
+def prefill(model: nn.Module, cache: list, decode: DecodeStep | None, ids: mx.array, step_size: int,
+            stream: Any) -> None:
+    """Put the 1-D ``ids`` into ``cache`` in chunks of ``step_size``, evaluating each chunk."""
+    with mx.stream(stream):
+        for start in range(0, ids.size, step_size):
+            chunk = ids[None, start : start + step_size]
+            if decode:
+                decode.prefill(chunk)
+            else:
+                model(chunk, cache=cache)
+            mx.eval([c.state for c in cache])

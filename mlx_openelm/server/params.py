@@ -1,0 +1,147 @@
+"""OpenAI request bodies -> validated generation settings. Every problem is an :class:`ApiError` naming the field."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+
+class ApiError(Exception):
+    """An error the client caused (or a refusal), as an OpenAI error object with its HTTP status."""
+
+    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None,
+                 kind: str = "invalid_request_error"):
+        super().__init__(message)
+        self.status, self.message, self.param, self.code, self.kind = status, message, param, code, kind
+
+    def body(self) -> dict:
+        """``{"error": {"message", "type", "param", "code"}}``."""
+        return {"error": {"message": self.message, "type": self.kind, "param": self.param, "code": self.code}}
+
+
+# Fields that would change the result if honoured: refused rather than silently ignored (name -> allowed value).
+UNSUPPORTED = {"n": 1, "best_of": 1, "tools": None, "tool_choice": None, "functions": None, "function_call": None,
+               "logprobs": None, "top_logprobs": None, "logit_bias": None, "presence_penalty": 0,
+               "frequency_penalty": 0, "response_format": None, "echo": False, "suffix": None}
+FALSY = (None, False, 0, [], {}, "", "none", "auto", "text")
+ROLES = ("system", "user", "assistant")
+
+
+@dataclass(frozen=True)
+class Settings:
+    """One request's generation settings."""
+
+    max_tokens: int | None
+    temperature: float
+    top_p: float
+    top_k: int
+    min_p: float
+    repetition_penalty: float | None
+    seed: int | None
+    stop: tuple[str, ...]
+    stream: bool
+    include_usage: bool
+
+
+def _number(body: dict, name: str, default: float, low: float, high: float | None = None) -> float:
+    value = body.get(name, default)
+    if value is None:
+        return default
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value < low or (high is not None
+                                                                                       and value > high):
+        bound = f"between {low} and {high}" if high is not None else f">= {low}"
+        raise ApiError(400, f"{name} must be a number {bound}, got {value!r}", name)
+    return float(value)
+
+
+def _integer(body: dict, name: str, low: int) -> int | None:
+    value = body.get(name)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        raise ApiError(400, f"{name} must be an integer >= {low}, got {value!r}", name)
+    return value
+
+
+def settings(body: dict) -> Settings:
+    """The generation settings of a chat or completions request body."""
+    for name, allowed in UNSUPPORTED.items():
+        value = body.get(name)
+        if value is not None and value != allowed and value not in FALSY:
+            raise ApiError(400, f"{name}={value!r} is not supported by this server", name, "unsupported_parameter")
+    max_tokens = _integer(body, "max_completion_tokens", 1)
+    max_tokens = max_tokens if max_tokens is not None else _integer(body, "max_tokens", 1)
+    stop = body.get("stop")
+    stops = (stop,) if isinstance(stop, str) else tuple(stop or ())
+    if not all(isinstance(s, str) and s for s in stops) or len(stops) > 4:
+        raise ApiError(400, "stop must be a non-empty string or a list of at most 4 of them", "stop")
+    options = body.get("stream_options") or {}
+    if not isinstance(options, dict):
+        raise ApiError(400, "stream_options must be an object", "stream_options")
+    stream = body.get("stream", False)
+    if not isinstance(stream, bool):
+        raise ApiError(400, f"stream must be true or false, got {stream!r}", "stream")
+    penalty = body.get("repetition_penalty")
+    return Settings(
+        max_tokens=max_tokens,
+        temperature=_number(body, "temperature", 1.0, 0.0, 2.0),
+        top_p=_number(body, "top_p", 1.0, 0.0, 1.0),
+        top_k=int(_number(body, "top_k", 0, 0)),
+        min_p=_number(body, "min_p", 0.0, 0.0, 1.0),
+        repetition_penalty=None if penalty is None else _number(body, "repetition_penalty", 1.0, 1e-6),
+        seed=_integer(body, "seed", 0),
+        stop=stops,
+        stream=stream,
+        include_usage=bool(options.get("include_usage", False)),
+    )
+
+
+def messages(body: dict) -> list[dict[str, str]]:
+    """The ``messages`` of a chat request: a non-empty list of {role, content} with text content."""
+    value = body.get("messages")
+    if not isinstance(value, list) or not value:
+        raise ApiError(400, "messages must be a non-empty list of {role, content} objects", "messages")
+    out = []
+    for i, m in enumerate(value):
+        if not isinstance(m, dict) or m.get("role") not in ROLES:
+            raise ApiError(400, f"messages[{i}].role must be one of {', '.join(ROLES)}", f"messages[{i}].role")
+        content = m.get("content")
+        if isinstance(content, list):  # content parts: text only
+            if not all(isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str)
+                       for p in content):
+                raise ApiError(400, f"messages[{i}].content: only text parts are supported", f"messages[{i}].content")
+            content = "".join(p["text"] for p in content)
+        if not isinstance(content, str):
+            raise ApiError(400, f"messages[{i}].content must be text", f"messages[{i}].content")
+        out.append({"role": m["role"], "content": content})
+    return out
+
+
+def prompt(body: dict) -> str | list[int]:
+    """The ``prompt`` of a completions request: text, one text in a list, or token ids."""
+    value = body.get("prompt")
+    if isinstance(value, list) and len(value) == 1 and isinstance(value[0], (str, list)):
+        value = value[0]
+    if isinstance(value, str) and value:
+        return value
+    if isinstance(value, list) and value and all(isinstance(t, int) and not isinstance(t, bool) and t >= 0
+                                                 for t in value):
+        return value
+    if isinstance(value, list) and len(value) > 1 and all(isinstance(v, str) for v in value):
+        raise ApiError(400, "several prompts in one request are not supported: send one request each", "prompt")
+    raise ApiError(400, "prompt must be non-empty text or a list of token ids", "prompt")
+
+
+def body_of(raw: bytes, limit: int) -> dict[str, Any]:
+    """The JSON object of a request body, at most ``limit`` bytes."""
+    import json
+
+    if len(raw) > limit:
+        raise ApiError(413, f"the request body is {len(raw)} bytes, more than this server's limit of {limit}")
+    try:
+        body = json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ApiError(400, f"the request body is not valid JSON: {e}") from None
+    if not isinstance(body, dict):
+        raise ApiError(400, "the request body must be a JSON object")
+    return body

@@ -1,0 +1,205 @@
+"""Who runs at each step: a thread that admits requests into the running batch, interleaves their chunked prefills
+with decode steps, turns each row's tokens into text events and retires rows that finish or are cancelled.
+
+It knows nothing of HTTP: a :class:`Job` carries token ids and settings in, and events out through a callback
+(the app forwards them to the request's asyncio queue). What a step computes is ``mlx_openelm.batch``.
+"""
+
+from __future__ import annotations
+
+import collections
+import itertools
+import logging
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import mlx.core as mx
+
+from ..batch import BatchDecoder, Prefill
+from ..generate import StopStrings, generate_step
+from ..sample import make_logits_processors, make_sampler
+from .params import ApiError, Settings
+from .prefix_cache import PrefixCache
+
+log = logging.getLogger("mlx_openelm.server")
+PREFILL_CHUNK = 256  # prompt tokens prefilled between two decode steps: a long prompt never stalls the others
+
+
+@dataclass(eq=False)
+class Job:
+    """One request: prompt ids, settings, the token budget, and where its events go.
+
+    Events: ``("text", str)`` pieces, then ``("done", finish_reason, usage)`` or ``("error", ApiError)``.
+    """
+
+    ids: list[int]
+    settings: Settings
+    budget: int
+    emit: Callable[[tuple], None]
+    id: str = ""
+    cancelled: bool = False
+    generated: int = 0
+    widest_batch: int = 0
+    reused: int = 0
+    _stops: StopStrings | None = field(default=None, repr=False)
+    _detok: Any = field(default=None, repr=False)
+
+    def cancel(self) -> None:
+        """Stop this request at the next step boundary (its client went away)."""
+        self.cancelled = True
+
+
+class Scheduler:
+    """Runs jobs on ``model``: at most ``max_batch`` decode together, ``max_queue`` more may wait (503 beyond)."""
+
+    def __init__(self, model: Any, tokenizer: Any, *, max_batch: int = 8, max_queue: int = 32,
+                 prompt_cache_bytes: int = 256 << 20, draft_model: Any = None, num_draft_tokens: int = 3):
+        self.model, self.tokenizer = model, tokenizer
+        self.max_batch, self.max_queue = max_batch, max_queue
+        self.draft_model, self.num_draft_tokens = draft_model, num_draft_tokens
+        self.prefixes = PrefixCache(prompt_cache_bytes)
+        self._waiting: collections.deque[Job] = collections.deque()
+        self._wake = threading.Condition()
+        self._stopping = False
+        self._ids = itertools.count(1)
+        self._thread = threading.Thread(target=self._run, name="mlx-openelm-scheduler", daemon=True)
+        self._thread.start()
+
+    def submit(self, job: Job) -> None:
+        """Queue ``job``; raises ``ApiError(503)`` when the queue is full."""
+        with self._wake:
+            if self._stopping:
+                raise ApiError(503, "the server is shutting down", kind="server_error", code="shutting_down")
+            if len(self._waiting) >= self.max_queue:
+                raise ApiError(503, f"the server is busy ({self.max_queue} requests waiting): retry later",
+                               kind="server_error", code="queue_full")
+            job.id = job.id or f"req-{next(self._ids)}"
+            self._waiting.append(job)
+            self._wake.notify()
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """Cancel what is queued or running and stop the thread."""
+        with self._wake:
+            self._stopping = True
+            for job in self._waiting:
+                job.cancel()
+            self._wake.notify()
+        self._thread.join(timeout)
+
+    # --- the thread -------------------------------------------------------------------------------------------
+
+    def _run(self) -> None:
+        batch = BatchDecoder(self.model)
+        prefilling: list[tuple[Job, Prefill]] = []
+        running: dict[int, Job] = {}  # id(row) -> job
+        last_batch: tuple = ()
+        while True:
+            with self._wake:
+                while not (self._stopping or self._waiting or prefilling or running):
+                    self._wake.wait()
+                if self._stopping:
+                    break
+                admitted = []
+                while self._waiting and len(prefilling) + len(running) + len(admitted) < self.max_batch:
+                    admitted.append(self._waiting.popleft())
+            for job in admitted:
+                if job.cancelled:
+                    continue
+                if self.draft_model is not None:
+                    self._run_speculative(job)
+                    continue
+                try:
+                    prefix = self.prefixes.lookup(job.ids)
+                    job.reused = 0 if prefix is None else prefix[0][0].shape[2]
+                    prefilling.append((job, batch.prefill(job.ids, job.budget, prefix)))
+                except Exception as e:  # noqa: BLE001 - one bad request must not stop the others
+                    job.emit(("error", ApiError(500, f"prefill failed: {e}", kind="server_error")))
+            if prefilling:  # one chunk per iteration, between decode steps
+                job, pre = prefilling[0]
+                try:
+                    if not job.cancelled:
+                        pre.advance(PREFILL_CHUNK)
+                    if job.cancelled or not pre.remaining:
+                        prefilling.pop(0)
+                    if not job.cancelled and not pre.remaining:
+                        s = job.settings
+                        row = batch.join(pre, make_sampler(s.temperature, s.top_p, s.top_k, s.min_p, s.seed),
+                                         make_logits_processors(s.repetition_penalty), tag=job)
+                        running[id(row)] = job
+                except Exception as e:  # noqa: BLE001 - one bad request must not stop the others
+                    prefilling.pop(0)
+                    job.emit(("error", ApiError(500, f"prefill failed: {e}", kind="server_error")))
+            if not running:
+                continue
+            gone = [row for row in batch.rows if row.tag.cancelled]
+            if gone:
+                batch.leave(gone)
+                for row in gone:
+                    running.pop(id(row))
+                    log.info("%s cancelled after %d tokens", row.tag.id, row.tag.generated)
+            if not batch.rows:
+                continue
+            composition = tuple(r.tag.id for r in batch.rows)
+            if composition != last_batch:
+                log.info("decode batch of %d: %s", len(composition), " ".join(composition))
+                last_batch = composition
+            tokens = batch.step()
+            done = []
+            for row, token in zip(list(batch.rows), tokens):
+                job = row.tag
+                job.widest_batch = max(job.widest_batch, len(batch.rows))
+                if self._token(job, token):
+                    done.append(row)
+            if done:
+                for row in done:
+                    self.prefixes.store(row.history, batch.row_cache(row, row.position))
+                    running.pop(id(row))
+                batch.leave(done)
+        for job, _ in prefilling:
+            job.emit(("error", ApiError(503, "the server shut down", kind="server_error", code="shutting_down")))
+        for job in running.values():
+            job.emit(("error", ApiError(503, "the server shut down", kind="server_error", code="shutting_down")))
+
+    def _token(self, job: Job, token: int) -> bool:
+        """Turn one generated token into events; True when the job is finished."""
+        if job._detok is None:
+            job._detok, job._stops = self.tokenizer.detokenizer(), StopStrings(job.settings.stop)
+        eos = token == self.tokenizer.eos_id
+        if not eos:
+            job.generated += 1
+        last = eos or job.generated >= job.budget
+        text = job._detok.flush() if eos else job._detok.add(token)
+        if last and not eos:
+            text += job._detok.flush()
+        text, stopped = job._stops.feed(text)
+        if last and not stopped:
+            text += job._stops.flush()
+        if text:
+            job.emit(("text", text))
+        if stopped or last:
+            reason = "stop" if stopped or eos else "length"
+            usage = {"prompt_tokens": len(job.ids), "completion_tokens": job.generated,
+                     "total_tokens": len(job.ids) + job.generated}
+            job.emit(("done", reason, usage))
+            log.info("%s done: %d prompt tokens (%d from the prompt cache), %d generated, %s; decoded in batches of "
+                     "up to %d", job.id, len(job.ids), job.reused, job.generated, reason, job.widest_batch)
+            return True
+        return False
+
+    def _run_speculative(self, job: Job) -> None:
+        # With a draft model, requests are decoded one at a time through speculative decoding (as mlx_lm.server
+        # does): verification batches K + 1 positions of one request instead of one position of several.
+        s = job.settings
+        steps = generate_step(mx.array(job.ids), self.model, max_tokens=job.budget,
+                              sampler=make_sampler(s.temperature, s.top_p, s.top_k, s.min_p, s.seed),
+                              logits_processors=make_logits_processors(s.repetition_penalty),
+                              draft_model=self.draft_model, num_draft_tokens=self.num_draft_tokens)
+        job.widest_batch = 1
+        try:
+            for token, _ in steps:
+                if job.cancelled or self._stopping or self._token(job, token):
+                    break
+        finally:
+            steps.close()
