@@ -1,4 +1,7 @@
-"""The ``mlx-openelm`` command line: parse, call the library, print. No logic lives here."""
+"""The ``mlx-openelm`` command line: parse, call the library, print. No logic lives here.
+
+Eight commands share their option types and error handling here, hence the length (the style budget is 250).
+"""
 
 from __future__ import annotations
 
@@ -98,6 +101,7 @@ def bench_command(
     sizes: Annotated[str | None, typer.Option(help="Sweep sizes, e.g. 270M,450M (default: what fits).")] = None,
     out: Annotated[Path | None, typer.Option(help="Sweep output prefix: PREFIX.md, .json, .png "
                                                   "(default openelm-sweep).")] = None,
+    draft_model: DraftModel = None, num_draft_tokens: NumDraftTokens = 3, prompt_lookup: PromptLookup = None,
 ) -> None:
     """Tokens/s, time to first token, peak memory and the bandwidth roofline reached (warm-up + trials)."""
     from rich.console import Console
@@ -106,12 +110,14 @@ def bench_command(
 
     from mlx_openelm import bench as b
     from mlx_openelm import sweep as s
+    from mlx_openelm.chart import INSTALL as INSTALL_CHART
 
     b.check_counts(prompt_tokens, gen_tokens, trials)
     if model and preset:
         fail("give --model or --preset, not both")
-    if sweep and (model or preset or q_bits or json_path):
-        fail("--sweep benchmarks random weights at every precision into --out: drop --model, --preset, -q, --json")
+    if sweep and (model or preset or q_bits or json_path or draft_model or prompt_lookup):
+        fail("--sweep benchmarks random weights at every precision into --out: drop --model, --preset, -q, --json "
+             "and the speculative options")
     if not sweep and (sizes or out):
         fail("--sizes and --out belong to --sweep: add --sweep, or drop them")
     out = out or Path("openelm-sweep")
@@ -127,11 +133,17 @@ def bench_command(
         if sweep:
             results = s.sweep(size_list, dtype=dtype, progress=progress, **counts)
         else:
+            spec = speculative_options(model, draft_model, num_draft_tokens, prompt_lookup) if model else {}
+            if (draft_model or prompt_lookup) and not model:
+                fail("speculative decoding needs a real model: give --model (random weights repeat one token)")
             net, label = b.prepare_model(preset or "OpenELM-270M", model, dtype, q_bits)
-            results = [b.bench(net, label, q_bits=q_bits, q_group_size=64, progress=progress, **counts)]
+            results = [b.bench(net, label, q_bits=q_bits, q_group_size=64, progress=progress, speculative=spec,
+                               draft_label=draft_model, **counts)]
     if sweep:
-        s.write_sweep(results, out)
+        paths = s.write_sweep(results, out)
         typer.echo(s.sweep_markdown(results))
+        if len(paths) < 3:
+            typer.echo(f"no PNG chart: it needs matplotlib ({INSTALL_CHART})", err=True)
     else:
         headers, rows = b.result_table(results[0])
         table = Table(*headers)
@@ -153,6 +165,29 @@ MinP = Annotated[float, typer.Option(help="Drop tokens below min-p times the top
 RepetitionPenalty = Annotated[float | None, typer.Option(help="Penalize repeated tokens (Apple suggests 1.2).")]
 Seed = Annotated[int | None, typer.Option(help="Random seed for sampling.")]
 MaxTokens = Annotated[int, typer.Option("--max-tokens", "-n", help="Most tokens to generate (per reply in chat).")]
+DraftModel = Annotated[str | None, typer.Option(help="Speculative decoding with this draft model (folder or repo "
+                                                     "id; same tokenizer, e.g. OpenELM-270M).")]
+NumDraftTokens = Annotated[int, typer.Option(help="Tokens drafted per target pass (speculative decoding).")]
+PromptLookup = Annotated[int | None, typer.Option(help="Speculative decoding drafting from the text itself: what "
+                                                      "followed the last N tokens earlier (N, e.g. 3).")]
+AdapterPath = Annotated[Path | None, typer.Option(help="A LoRA adapter folder from mlx_lm.lora, fused at load.")]
+
+
+def speculative_options(model: str, draft_model: str | None, num_draft_tokens: int, prompt_lookup: int | None):
+    """``(options for generate_step, the draft model)``, the draft checked against ``model`` before loading."""
+    from mlx_openelm.hub import load_draft
+    from mlx_openelm.speculative import PromptLookup as Lookup
+
+    if draft_model and prompt_lookup is not None:
+        fail("give --draft-model or --prompt-lookup, not both")
+    if num_draft_tokens < 1:
+        fail(f"--num-draft-tokens must be >= 1, got {num_draft_tokens}")
+    if prompt_lookup is not None:
+        Lookup(prompt_lookup)  # validates N
+        return {"prompt_lookup": prompt_lookup, "num_draft_tokens": num_draft_tokens}
+    if draft_model:
+        return {"draft_model": load_draft(draft_model, model), "num_draft_tokens": num_draft_tokens}
+    return {}
 
 
 @app.command("generate")
@@ -169,6 +204,8 @@ def generate_command(
     dtype: Annotated[str, typer.Option(help="auto (per backend), float32, bfloat16 or float16.")] = "auto",
     no_compile: Annotated[bool, typer.Option("--no-compile", help="Decode with the model's own uncompiled forward "
                                                                   "pass (same tokens, slower).")] = False,
+    draft_model: DraftModel = None, num_draft_tokens: NumDraftTokens = 3, prompt_lookup: PromptLookup = None,
+    adapter_path: AdapterPath = None,
     json_out: Annotated[bool, typer.Option("--json", help="Print one JSON object instead of streaming.")] = False,
 ) -> None:
     """Generate text from a prompt: text streams to stdout, a stats line to stderr."""
@@ -176,18 +213,23 @@ def generate_command(
 
     from mlx_openelm import load, make_logits_processors, make_sampler, stream_generate
 
+    if max_tokens < 1:
+        fail(f"--max-tokens must be at least 1, got {max_tokens}")
     if prompt == "-":
         try:
             prompt = sys.stdin.read()
         except (OSError, UnicodeDecodeError) as e:
             fail(f"cannot read the prompt from stdin: {e}")
+    if not prompt:
+        fail("the prompt is empty: give some text with --prompt")
     sampler = make_sampler(temp=temp, top_p=top_p, top_k=top_k, min_p=min_p, seed=seed)
     processors = make_logits_processors(repetition_penalty=repetition_penalty)
-    net, tokenizer = load(model, dtype=dtype)
+    spec = speculative_options(model, draft_model, num_draft_tokens, prompt_lookup)
+    net, tokenizer = load(model, dtype=dtype, adapter_path=adapter_path)
     responses = []
     for r in stream_generate(net, tokenizer, prompt, max_tokens=max_tokens, sampler=sampler, stop=stop or (),
                              logits_processors=processors, max_kv_size=max_kv_size, kv_bits=kv_bits,
-                             compile=not no_compile):
+                             compile=not no_compile, **spec):
         responses.append(r)
         if not json_out:
             typer.echo(r.text, nl=False)
@@ -195,13 +237,17 @@ def generate_command(
     last = responses[-1]
     stats = {"finish_reason": last.finish_reason, "prompt_tps": last.prompt_tps, "generation_tps":
              last.generation_tps, "peak_memory_gb": last.peak_memory}
+    if spec:
+        stats |= {"acceptance_rate": last.acceptance_rate, "tokens_per_pass": last.tokens_per_pass}
     if json_out:
         typer.echo(json.dumps({"text": "".join(r.text for r in responses), "prompt_tokens": tokenizer.encode(prompt),
                                "tokens": [r.token for r in responses], **stats}, ensure_ascii=False))
     else:
         typer.echo()
+        speculative = (f" | {100 * last.acceptance_rate:.0f}% of drafts accepted, {last.tokens_per_pass:.2f} "
+                       "tokens/pass") if spec else ""
         typer.echo(f"prompt: {last.prompt_tokens} tokens, {last.prompt_tps:.1f} tok/s | generation: "
-                   f"{last.generation_tokens} tokens, {last.generation_tps:.1f} tok/s | peak memory "
+                   f"{last.generation_tokens} tokens, {last.generation_tps:.1f} tok/s{speculative} | peak memory "
                    f"{last.peak_memory:.2f} GB | {last.finish_reason}", err=True)
 
 
@@ -213,6 +259,8 @@ def chat_command(
     chat_template: Annotated[Path | None, typer.Option(help="Jinja chat template file (replaces the model's).")] = None,
     temp: Temp = 0.0, top_p: TopP = 1.0, top_k: TopK = 0, min_p: MinP = 0.0,
     repetition_penalty: RepetitionPenalty = None, seed: Seed = None, max_tokens: MaxTokens = 256,
+    draft_model: DraftModel = None, num_draft_tokens: NumDraftTokens = 3, prompt_lookup: PromptLookup = None,
+    adapter_path: AdapterPath = None,
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Per turn: tokens prefilled, speeds.")] = False,
 ) -> None:
     """Chat in the terminal; the KV cache is kept across turns (/help lists the commands)."""
@@ -224,9 +272,120 @@ def chat_command(
     if max_tokens < 1:
         fail(f"--max-tokens must be at least 1, got {max_tokens}")
     sampler, processors = make_sampler(temp, top_p, top_k, min_p, seed), make_logits_processors(repetition_penalty)
-    session = ChatSession(*load(model, chat_template=chat_template), system=system)
+    spec = speculative_options(model, draft_model, num_draft_tokens, prompt_lookup)
+    session = ChatSession(*load(model, chat_template=chat_template, adapter_path=adapter_path), system=system,
+                          **spec)
     run_chat(session, verbose=verbose, banner=f"chatting with {model}: /help for commands, Ctrl-D to leave",
              max_tokens=max_tokens, sampler=sampler, logits_processors=processors)
+
+
+@app.command("serve")
+def serve_command(
+    model: Annotated[str, typer.Option("--model", "-m", help="Converted model folder or repo id.")],
+    host: Annotated[str, typer.Option(help="Address to listen on (default: this machine only).")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="Port to listen on.")] = 8080,
+    max_batch: Annotated[int, typer.Option(help="Requests decoded together at most.")] = 8,
+    max_queue: Annotated[int, typer.Option(help="Requests waiting at most (then 503).")] = 32,
+    api_key: Annotated[str | None, typer.Option(help="Require Authorization: Bearer KEY.", envvar=
+                                                "MLX_OPENELM_API_KEY")] = None,
+    draft_model: DraftModel = None, num_draft_tokens: NumDraftTokens = 3, adapter_path: AdapterPath = None,
+    chat_template: Annotated[Path | None, typer.Option(help="Jinja chat template file (replaces the model's).")] = None,
+) -> None:
+    """An OpenAI-compatible HTTP server (/v1/chat/completions, /v1/completions, /v1/models, /health)."""
+    from mlx_openelm.server import serve
+
+    if num_draft_tokens < 1:
+        fail(f"--num-draft-tokens must be >= 1, got {num_draft_tokens}")
+    serve(model, host=host, port=port, max_batch=max_batch, max_queue=max_queue, api_key=api_key,
+          draft_model=draft_model, num_draft_tokens=num_draft_tokens, adapter_path=adapter_path,
+          chat_template=chat_template)
+    # The server has shut down cleanly. Skip the interpreter's teardown: MLX's per-thread C++ state of the
+    # finished scheduler thread can be destroyed during it, which needs the GIL and aborts the process (SIGABRT,
+    # measured in about 1 of 5 stops on mlx 0.32). Nothing is left to flush but the standard streams.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
+
+
+def _main_rank() -> bool:
+    from mlx_openelm.jobs.distributed import group
+
+    return group().rank() == 0
+
+
+@app.command("perplexity")
+def perplexity_command(
+    model: Annotated[str, typer.Option("--model", "-m", help="Converted model folder or repo id.")],
+    data: Annotated[Path, typer.Option(help="A text or JSONL (text field) file, or a folder of them.")],
+    seq_len: Annotated[int, typer.Option(help="Tokens per window.")] = 512,
+    stride: Annotated[int | None, typer.Option(help="Window start step; overlap is context only (default: seq-len)."
+                                               )] = None,
+    batch_size: Annotated[int, typer.Option(help="Windows per forward pass.")] = 4,
+    dtype: Annotated[str, typer.Option(help="auto, float32, bfloat16 or float16.")] = "auto",
+    json_path: Annotated[Path | None, typer.Option("--json", help="Write the figures to this JSON file.")] = None,
+) -> None:
+    """Token-weighted perplexity over a corpus; under mlx.launch the windows are shared among processes."""
+    from rich.console import Console
+    from rich.progress import Progress
+
+    from mlx_openelm import load
+    from mlx_openelm.bench import check_output, write_json
+    from mlx_openelm.jobs.inputs import documents
+    from mlx_openelm.jobs.perplexity import perplexity
+
+    if json_path:
+        check_output(json_path)
+    documents(data)  # bad or empty input: one error before the model loads
+    net, tokenizer = load(model, dtype=dtype)
+    main_rank = _main_rank()
+    with Progress(console=Console(stderr=True), transient=True, disable=not (main_rank and sys.stderr.isatty())) as bar:
+        task = bar.add_task("scoring windows", total=None)
+        result = perplexity(net, tokenizer, data, seq_len=seq_len, stride=stride, batch_size=batch_size,
+                            progress=lambda done, total: bar.update(task, completed=done, total=total))
+    if main_rank:
+        typer.echo(f"perplexity {result.ppl:.4f} (nll {result.nll:.5f}) over {result.tokens} tokens in "
+                   f"{result.windows} windows of {result.seq_len} (stride {result.stride}); {result.ranks} "
+                   f"process(es), {result.tokens_per_second:.1f} tok/s, peak memory "
+                   f"{result.peak_memory_bytes / 1e9:.3f} GB")
+        if json_path:
+            write_json(json_path, {"model": model, "data": str(data), **result.to_dict()})
+
+
+@app.command("batch")
+def batch_command(
+    model: Annotated[str, typer.Option("--model", "-m", help="Converted model folder or repo id.")],
+    input_path: Annotated[Path, typer.Option("--input", help="JSONL: prompt or messages per line (id, max_tokens, "
+                                                             "temperature, seed, stop optional).")],
+    output: Annotated[Path, typer.Option(help="JSONL results, one per input line; a rerun skips ids already in "
+                                              "it.")],
+    temp: Temp = 0.0, top_p: TopP = 1.0, top_k: TopK = 0, min_p: MinP = 0.0,
+    repetition_penalty: RepetitionPenalty = None, seed: Seed = None, max_tokens: MaxTokens = 256,
+    batch_size: Annotated[int, typer.Option(help="Prompts decoded together.")] = 8,
+    dtype: Annotated[str, typer.Option(help="auto, float32, bfloat16 or float16.")] = "auto",
+) -> None:
+    """Generate for every prompt of a JSONL file, in batches; under mlx.launch the prompts are shared."""
+    from rich.console import Console
+    from rich.progress import Progress
+
+    from mlx_openelm import load
+    from mlx_openelm.hub import resolve_model
+    from mlx_openelm.jobs.batch_generate import batch_generate, read_items
+    from mlx_openelm.load import check_folder
+    from mlx_openelm.tokenizer import load_tokenizer
+
+    defaults = {"max_tokens": max_tokens, "temperature": temp, "top_p": top_p, "top_k": top_k, "min_p": min_p,
+                "seed": seed, "repetition_penalty": repetition_penalty}
+    folder = resolve_model(model)
+    read_items(input_path, load_tokenizer(folder), check_folder(folder).max_context_length, defaults)  # before loading
+    net, tokenizer = load(folder, dtype=dtype)
+    main_rank = _main_rank()
+    with Progress(console=Console(stderr=True), transient=True, disable=not (main_rank and sys.stderr.isatty())) as bar:
+        task = bar.add_task("generating", total=None)
+        counts = batch_generate(net, tokenizer, input_path, output, batch_size=batch_size, defaults=defaults,
+                                progress=lambda done, total: bar.update(task, completed=done, total=total))
+    if main_rank:
+        typer.echo(f"wrote {counts['written']} results to {output} ({counts['skipped']} already there), "
+                   f"{counts['completion_tokens']} tokens generated on {counts['ranks']} process(es)")
 
 
 def main() -> None:

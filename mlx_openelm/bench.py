@@ -6,6 +6,7 @@ Every figure is measured: bytes from the arrays' ``nbytes``, times around the pr
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import statistics
@@ -30,6 +31,7 @@ from .hub import resolve_model
 from .load import auto_dtype, load_model
 from .random_weights import random_model
 from .runner import generation_stream
+from .speculative import SpeculativeStats
 
 # progress(description, done, total): called between tokens, never inside a timed MLX evaluation.
 Progress = Callable[[str, int, int], None]
@@ -49,6 +51,8 @@ class Trial:
     total_s: float
     peak_memory_bytes: int
     tokens: list[int] = field(repr=False)
+    acceptance_rate: float | None = None  # speculative decoding: kept / proposed draft tokens
+    tokens_per_pass: float | None = None  # speculative decoding: tokens per target pass
 
 
 @dataclass
@@ -70,6 +74,7 @@ class BenchResult:
     bandwidth_gbps: float
     bandwidth_source: str
     device: dict[str, Any]
+    speculative: dict[str, Any] | None = None  # the draft (model label or prompt lookup) and tokens per draft
 
     def median(self, name: str) -> float:
         """Median of a :class:`Trial` field over the timed trials."""
@@ -87,6 +92,8 @@ class BenchResult:
             del t["tokens"]
         keys = ("prompt_tps", "generation_tps", "ttft_s", "total_s", "peak_memory_bytes")
         out["median"] = {k: self.median(k) for k in keys}
+        if self.speculative:
+            out["median"] |= {k: self.median(k) for k in ("acceptance_rate", "tokens_per_pass")}
         out["roofline_fraction"] = self.roofline_fraction
         out["generator"] = f"{generate_step.__module__}.{generate_step.__qualname__}"
         out["mlx_openelm_version"] = __version__
@@ -106,13 +113,18 @@ def check_counts(prompt_tokens: int, gen_tokens: int, trials: int) -> None:
 
 def time_generation(
     model: nn.Module, prompt: mx.array, gen_tokens: int, step: StepFn | None = None, progress: Progress | None = None,
-    label: str = "", stream: Any = None,
+    label: str = "", stream: Any = None, speculative: dict[str, Any] | None = None,
 ) -> Trial:
     """Generate ``gen_tokens`` greedily after ``prompt`` through ``step`` (default: the project's generate_step).
 
     ``stream``: the generator's stream (default: the project's), synchronized after the timing so that work a
-    generator queued ahead neither counts nor overlaps the next measurement.
+    generator queued ahead neither counts nor overlaps the next measurement. ``speculative``: the project's
+    ``draft_model`` / ``prompt_lookup`` / ``num_draft_tokens`` options (acceptance is then recorded).
     """
+    stats = None
+    if speculative:
+        stats = SpeculativeStats()
+        step = functools.partial(generate_step, stats=stats, **speculative)
     step, stream = step or generate_step, stream or generation_stream()
     mx.synchronize(stream)
     mx.synchronize()
@@ -136,6 +148,8 @@ def time_generation(
         total_s=end - tic,
         peak_memory_bytes=mx.get_peak_memory(),
         tokens=tokens,
+        acceptance_rate=stats and stats.acceptance_rate,
+        tokens_per_pass=stats and stats.tokens_per_pass,
     )
 
 
@@ -231,11 +245,14 @@ def bench(
     device: dict[str, Any] | None = None,
     bandwidth: tuple[float, str] | None = None,
     probe_bytes: int = 256 * 2**20,
+    speculative: dict[str, Any] | None = None,
+    draft_label: str | None = None,
 ) -> BenchResult:
     """Warm up once (identical shapes, discarded), then time ``trials`` greedy generations of one random prompt.
 
     ``device`` / ``bandwidth`` (GB/s, source) are measured when not given (the bandwidth before and after the
-    trials, by a probe over ``probe_bytes`` unless the chip's figure is published).
+    trials, by a probe over ``probe_bytes`` unless the chip's figure is published). ``speculative`` as for
+    :func:`time_generation`, its draft named ``draft_label`` in the result.
     """
     check_counts(prompt_tokens, gen_tokens, trials)
     if prompt_tokens + gen_tokens > model.args.max_context_length:
@@ -252,9 +269,10 @@ def bench(
         return memory_bandwidth(device, probe_bytes)
 
     before = measured_bandwidth()
-    warmup = time_generation(model, prompt, gen_tokens, step, progress, "warm-up")
+    warmup = time_generation(model, prompt, gen_tokens, step, progress, "warm-up", speculative=speculative)
     runs = [
-        time_generation(model, prompt, gen_tokens, step, progress, f"trial {i + 1}/{trials}") for i in range(trials)
+        time_generation(model, prompt, gen_tokens, step, progress, f"trial {i + 1}/{trials}", speculative=speculative)
+        for i in range(trials)
     ]
     kv = kv_bytes_per_token(model)
     # Measured before and after the trials, the higher kept: other load on the machine only lowers a reading.
@@ -265,6 +283,9 @@ def bench(
         parameters=parameter_count(model.args), model_bytes=model_bytes(model), kv_bytes_per_token=kv,
         bytes_per_token=decode_bytes_per_token(model, prompt_tokens + gen_tokens // 2),
         bandwidth_gbps=gbps, bandwidth_source=source, device=device,
+        speculative=speculative and {"draft": draft_label or (
+            f"prompt lookup {speculative['prompt_lookup']}" if speculative.get("prompt_lookup") else "draft model"),
+            "num_draft_tokens": speculative.get("num_draft_tokens", 3)},
     )
 
 
@@ -294,7 +315,9 @@ def summary_lines(result: BenchResult) -> list[str]:
         f"decode reads {result.bytes_per_token / 1e9:.3f} GB/token (weights + KV at the midpoint); "
         f"bandwidth {result.bandwidth_gbps:.1f} GB/s ({result.bandwidth_source}); "
         f"roofline reached: {100 * result.roofline_fraction:.1f}%",
-    ]
+    ] + ([f"speculative decoding ({result.speculative['draft']}, {result.speculative['num_draft_tokens']} draft "
+          f"tokens): acceptance {100 * result.median('acceptance_rate'):.1f}%, "
+          f"{result.median('tokens_per_pass'):.2f} tokens per target pass"] if result.speculative else [])
 
 
 def check_output(path: str | Path) -> Path:

@@ -63,10 +63,15 @@ class ChatSession:
         tokenizer: Any,
         system: str | None = None,
         prefill_step_size: int = 512,
+        draft_model: Any = None,
+        num_draft_tokens: int = 3,
+        prompt_lookup: int | None = None,
     ) -> None:
         self.model, self.tokenizer = model, tokenizer
         self.max_context = model.args.max_context_length
         self.prefill_step_size = prefill_step_size
+        # Speculative decoding: the draft model's cache is kept in step with the target's, turn after turn.
+        self.draft_model, self.num_draft_tokens, self.prompt_lookup = draft_model, num_draft_tokens, prompt_lookup
         self.messages: list[dict[str, str]] = [{"role": "system", "content": system}] if system else []
         self.last_turn: TurnStats | None = None
         self._clear_cache()
@@ -128,6 +133,7 @@ class ChatSession:
             logits_processors=logits_processors,
             prompt_cache=self.cache,
             prefill_step_size=self.prefill_step_size,
+            **self._speculative(),
         )
         generated: list[int] = []
         pieces: list[str] = []
@@ -186,24 +192,38 @@ class ChatSession:
             return text, self._ids + full[len(known) :]
         return text, self._ids + self.tokenizer.encode(text[len(self._text) :], bos=False)
 
+    def _speculative(self) -> dict[str, Any]:
+        if self.draft_model is not None:
+            return {"draft_model": self.draft_model, "draft_cache": self.draft_cache,
+                    "num_draft_tokens": self.num_draft_tokens}
+        if self.prompt_lookup is not None:
+            return {"prompt_lookup": self.prompt_lookup, "num_draft_tokens": self.num_draft_tokens}
+        return {}
+
+    def _caches(self) -> list:
+        return self.cache + (self.draft_cache or [])
+
     def _trim(self, n: int) -> None:
-        # Keep the first n cached tokens (of those held).
-        for c in self.cache:
+        # Keep the first n cached tokens (of those held), in the draft's cache too.
+        for c in self._caches():
             if c.offset > n:
                 c.trim(c.offset - n)
         self._cached = min(self._cached, n)
 
     def _settle(self, ids: list[int], text: str) -> None:
-        # Record what the cache now holds. Layers disagree only if a forced interrupt hit mid-forward: rebuild then.
+        # Record what the caches now hold: the tokens both hold. Layers disagree only if a forced interrupt hit
+        # mid-forward: rebuild then.
         offsets = {c.offset for c in self.cache}
         if len(offsets) != 1:
             self._clear_cache()
             return
-        self._ids, self._text, self._cached = ids, text, offsets.pop()
-        self._trim(len(ids))
+        held = min([offsets.pop()] + [c.offset for c in self.draft_cache or []])
+        self._ids, self._text, self._cached = ids, text, held
+        self._trim(min(held, len(ids)))
 
     def _clear_cache(self) -> None:
         self.cache = make_cache(self.model)
+        self.draft_cache = make_cache(self.draft_model) if self.draft_model is not None else None
         self._ids: list[int] = []
         self._text = ""
         self._cached = 0

@@ -123,7 +123,7 @@ def generate_step(
                 y, logprobs = next_y, next_logprobs
 
 
-class StopStrings:
+class _StopStrings:
     """Cuts the text stream at the first stop string, holding back text that could begin one."""
 
     def __init__(self, stops: Sequence[str]):
@@ -151,6 +151,32 @@ class StopStrings:
         """The held-back text, once the stream has ended without completing a stop string."""
         held, self.held = self.held, ""
         return held
+
+
+class TextAssembler:
+    """Generated token ids -> text pieces, ending the sequence as :func:`stream_generate` does: at EOS, at the first
+    stop string (never emitted, even across tokens) or after ``budget`` tokens. Used by every front-end that
+    decodes (the generator, the server, the batch job)."""
+
+    def __init__(self, tokenizer: Any, stop: Sequence[str], budget: int):
+        self.detokenizer, self.eos, self.stops, self.budget = tokenizer.detokenizer(), tokenizer.eos_id, \
+            _StopStrings(stop), budget
+        self.tokens = 0  # tokens fed, EOS included
+        self.kept = 0  # tokens of the completion (EOS excluded)
+
+    def add(self, token: int) -> tuple[str, str | None]:
+        """``(text to emit, finish_reason)``: None until the last token, then ``"stop"`` or ``"length"``."""
+        self.tokens += 1
+        eos = token == self.eos
+        self.kept += not eos
+        last = eos or self.tokens == self.budget
+        text = self.detokenizer.flush() if eos else self.detokenizer.add(token)
+        if last and not eos:
+            text += self.detokenizer.flush()
+        text, stopped = self.stops.feed(text)
+        if last and not stopped:
+            text += self.stops.flush()
+        return text, "stop" if stopped or eos else "length" if last else None
 
 
 def _prompt_ids(tokenizer: Any, prompt: str | list[int] | mx.array) -> mx.array:
@@ -184,9 +210,8 @@ def stream_generate(
     equals ``tokenizer.decode`` of the tokens, up to a stop string.
     """
     ids = _prompt_ids(tokenizer, prompt)
-    stops = StopStrings(stop)
     budget = token_budget(model, ids.size, max_tokens, kwargs.get("prompt_cache"), kwargs.get("max_kv_size"))
-    detokenizer, eos = tokenizer.detokenizer(), tokenizer.eos_id
+    assembler = TextAssembler(tokenizer, stop, budget)
     mx.reset_peak_memory()
     tic = time.perf_counter()
     prompt_tps, first = 0.0, tic
@@ -198,14 +223,7 @@ def stream_generate(
             if n == 1:
                 first = time.perf_counter()
                 prompt_tps = ids.size / (first - tic)
-            last = token == eos or n == budget
-            text = detokenizer.flush() if token == eos else detokenizer.add(token)
-            if last and token != eos:
-                text += detokenizer.flush()
-            text, stopped = stops.feed(text)
-            if last and not stopped:
-                text += stops.flush()
-            reason = "stop" if stopped or token == eos else "length" if last else None
+            text, reason = assembler.add(token)
             elapsed = time.perf_counter() - first  # speed after the first token, which the prompt time covers
             yield GenerationResponse(text, token, reason, ids.size, prompt_tps, n,
                                      (n - 1) / elapsed if n > 1 else 0.0, mx.get_peak_memory() / 1e9,

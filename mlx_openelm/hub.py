@@ -39,3 +39,14 @@ def load(path: str | Path, dtype: str | mx.Dtype | None = "auto", chat_template:
     check_folder(folder)
     tokenizer = load_tokenizer(folder, chat_template=chat_template)
     return load_model(folder, dtype=dtype, adapter_path=adapter_path), tokenizer
+
+
+def load_draft(draft: str | Path, target: str | Path) -> Model:
+    """The draft model for speculative decoding with ``target``: its vocabulary is checked against the target's
+    from both configs, before either model's weights load."""
+    folder, target_folder = resolve_model(draft), resolve_model(target)
+    theirs, ours = check_folder(folder).vocab_size, check_folder(target_folder).vocab_size
+    if theirs != ours:
+        raise ValueError(f"--draft-model {draft} has a vocabulary of {theirs} tokens and the model {ours}: a draft "
+                         "must share the model's tokenizer (OpenELM-270M drafts for every OpenELM size)")
+    return load_model(folder, dtype="auto")

@@ -31,7 +31,6 @@ def generation_stream() -> Any:
     return _STREAMS[key]
 
 
-
 def token_budget(model: nn.Module, prompt_tokens: int, max_tokens: int, cache: list | None = None,
                  max_kv_size: int | None = None) -> int:
     """How many tokens may be generated: ``max_tokens``, capped by the context limit unless the cache rotates.

@@ -8,6 +8,7 @@
 from __future__ import annotations
 
 import logging
+import signal
 import sys
 from pathlib import Path
 
@@ -45,7 +46,12 @@ def serve(model: str, *, host: str = "127.0.0.1", port: int = 8080, max_batch: i
     app = create_app(api)
     config = uvicorn.Config(app, host=host, port=port, log_level="info", timeout_graceful_shutdown=5,
                             access_log=False)
+    # uvicorn shuts down gracefully on SIGINT/SIGTERM, then raises the signal again for the handlers that were in
+    # place before it ran: these record nothing, so a stop by signal is a clean exit (status 0).
+    quiet = {sig: signal.signal(sig, lambda *_: None) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
         uvicorn.Server(config).run()
     finally:
         scheduler.stop()
+        for sig, handler in quiet.items():
+            signal.signal(sig, handler)

@@ -18,7 +18,8 @@ from typing import Any
 import mlx.core as mx
 
 from ..batch import BatchDecoder, Prefill
-from ..generate import StopStrings, generate_step
+from ..generate import TextAssembler, generate_step
+from ..runner import generation_stream
 from ..sample import make_logits_processors, make_sampler
 from .params import ApiError, Settings
 from .prefix_cache import PrefixCache
@@ -40,11 +41,9 @@ class Job:
     emit: Callable[[tuple], None]
     id: str = ""
     cancelled: bool = False
-    generated: int = 0
     widest_batch: int = 0
     reused: int = 0
-    _stops: StopStrings | None = field(default=None, repr=False)
-    _detok: Any = field(default=None, repr=False)
+    text: TextAssembler | None = field(default=None, repr=False)
 
     def cancel(self) -> None:
         """Stop this request at the next step boundary (its client went away)."""
@@ -87,6 +86,8 @@ class Scheduler:
                 job.cancel()
             self._wake.notify()
         self._thread.join(timeout)
+        if self._thread.is_alive():
+            log.warning("the scheduler thread did not stop within %.0f s", timeout)
 
     # --- the thread -------------------------------------------------------------------------------------------
 
@@ -138,7 +139,7 @@ class Scheduler:
                 batch.leave(gone)
                 for row in gone:
                     running.pop(id(row))
-                    log.info("%s cancelled after %d tokens", row.tag.id, row.tag.generated)
+                    log.info("%s cancelled after %d tokens", row.tag.id, row.tag.text.kept if row.tag.text else 0)
             if not batch.rows:
                 continue
             composition = tuple(r.tag.id for r in batch.rows)
@@ -157,6 +158,7 @@ class Scheduler:
                     self.prefixes.store(row.history, batch.row_cache(row, row.position))
                     running.pop(id(row))
                 batch.leave(done)
+        mx.synchronize(generation_stream())  # nothing of this thread's may still run while the process exits
         for job, _ in prefilling:
             job.emit(("error", ApiError(503, "the server shut down", kind="server_error", code="shutting_down")))
         for job in running.values():
@@ -164,29 +166,19 @@ class Scheduler:
 
     def _token(self, job: Job, token: int) -> bool:
         """Turn one generated token into events; True when the job is finished."""
-        if job._detok is None:
-            job._detok, job._stops = self.tokenizer.detokenizer(), StopStrings(job.settings.stop)
-        eos = token == self.tokenizer.eos_id
-        if not eos:
-            job.generated += 1
-        last = eos or job.generated >= job.budget
-        text = job._detok.flush() if eos else job._detok.add(token)
-        if last and not eos:
-            text += job._detok.flush()
-        text, stopped = job._stops.feed(text)
-        if last and not stopped:
-            text += job._stops.flush()
+        if job.text is None:
+            job.text = TextAssembler(self.tokenizer, job.settings.stop, job.budget)
+        text, reason = job.text.add(token)
         if text:
             job.emit(("text", text))
-        if stopped or last:
-            reason = "stop" if stopped or eos else "length"
-            usage = {"prompt_tokens": len(job.ids), "completion_tokens": job.generated,
-                     "total_tokens": len(job.ids) + job.generated}
-            job.emit(("done", reason, usage))
-            log.info("%s done: %d prompt tokens (%d from the prompt cache), %d generated, %s; decoded in batches of "
-                     "up to %d", job.id, len(job.ids), job.reused, job.generated, reason, job.widest_batch)
-            return True
-        return False
+        if reason is None:
+            return False
+        usage = {"prompt_tokens": len(job.ids), "completion_tokens": job.text.kept,
+                 "total_tokens": len(job.ids) + job.text.kept}
+        job.emit(("done", reason, usage))
+        log.info("%s done: %d prompt tokens (%d from the prompt cache), %d generated, %s; decoded in batches of up "
+                 "to %d", job.id, len(job.ids), job.reused, job.text.kept, reason, job.widest_batch)
+        return True
 
     def _run_speculative(self, job: Job) -> None:
         # With a draft model, requests are decoded one at a time through speculative decoding (as mlx_lm.server

@@ -1,0 +1,121 @@
+"""Token-weighted perplexity over text or JSONL files, in windows, data-parallel under ``mlx.launch``.
+
+Each document is encoded with BOS and cut into windows of ``seq_len`` tokens that start ``stride`` apart; a
+window scores only the tokens no earlier window scored (the rest is context), so every token after BOS is
+scored exactly once. Windows are batched in document order; batches are shared among ranks and the per-window
+sums are gathered and added up in window order, so the figure does not depend on the number of processes.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import mlx.core as mx
+import numpy as np
+
+from .distributed import gather, group, my_batches
+from .inputs import documents
+
+Window = tuple[int, int, int, int]  # (document, start, end, first scored position)
+
+
+@dataclass(frozen=True)
+class PerplexityResult:
+    """The figures of one run; ``nll`` is the mean negative log-likelihood per scored token (nats)."""
+
+    tokens: int
+    nll: float
+    ppl: float
+    documents: int
+    windows: int
+    seq_len: int
+    stride: int
+    batch_size: int
+    ranks: int
+    seconds: float
+    tokens_per_second: float
+    peak_memory_bytes: int
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def windows(n: int, seq_len: int, stride: int) -> list[tuple[int, int, int]]:
+    """``(start, end, first scored)`` windows over ``n`` tokens: position 0 (BOS) is never scored, every other
+    position exactly once, each with at least ``seq_len - stride`` tokens of context when it has them."""
+    out, scored = [], 1
+    for start in range(0, max(1, n - 1), stride):
+        end = min(start + seq_len, n)
+        if max(scored, start + 1) < end:
+            out.append((start, end, max(scored, start + 1)))
+        scored = end
+        if end == n:
+            break
+    return out
+
+
+def check_settings(seq_len: int, stride: int | None, batch_size: int, max_context: int) -> int:
+    """Validate the window settings; returns the stride (``seq_len`` when not given)."""
+    if not 2 <= seq_len <= max_context:
+        raise ValueError(f"--seq-len must be between 2 and the model's context of {max_context}, got {seq_len}")
+    stride = seq_len if stride is None else stride
+    if not 1 <= stride <= seq_len:
+        raise ValueError(f"--stride must be between 1 and --seq-len ({seq_len}), got {stride}")
+    if batch_size < 1:
+        raise ValueError(f"--batch-size must be >= 1, got {batch_size}")
+    return stride
+
+
+def window_nll(model: Any, ids: list[list[int]], batch: list[Window]) -> list[tuple[float, int]]:
+    """``(sum of nll, tokens scored)`` per window of ``batch``, in one padded forward pass (float64 sums)."""
+    length = max(end - start for _, start, end, _ in batch) - 1
+    x = np.zeros((len(batch), length), np.int32)
+    y = np.zeros_like(x)
+    mask = np.zeros(x.shape, np.float32)
+    for row, (doc, start, end, first) in enumerate(batch):
+        tokens = ids[doc][start:end]
+        x[row, : len(tokens) - 1], y[row, : len(tokens) - 1] = tokens[:-1], tokens[1:]
+        mask[row, first - start - 1 : end - start - 1] = 1.0  # predicting position p uses the logits at p - 1
+    logits = model(mx.array(x)).astype(mx.float32)
+    logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
+    nll = -mx.take_along_axis(logprobs, mx.array(y)[..., None], axis=-1)[..., 0]
+    sums = np.array((nll * mx.array(mask)).astype(mx.float32)).astype(np.float64).sum(axis=1)
+    return [(float(s), int(m.sum())) for s, m in zip(sums, mask)]
+
+
+def perplexity(model: Any, tokenizer: Any, data: str | Path, *, seq_len: int = 512, stride: int | None = None,
+               batch_size: int = 4, progress: Callable[[int, int], None] | None = None) -> PerplexityResult:
+    """Perplexity of ``model`` over the documents of ``data`` (a file or folder; JSONL lines' ``text``)."""
+    stride = check_settings(seq_len, stride, batch_size, model.args.max_context_length)
+    docs = documents(data)
+    g = group()
+    ids = [tokenizer.encode(text) for _, text in docs]
+    wins = [(d, *w) for d, doc in enumerate(ids) for w in windows(len(doc), seq_len, stride)]
+    if not wins:
+        raise ValueError(f"--data {data}: no document has a token to score after BOS")
+    batches = [wins[i : i + batch_size] for i in range(0, len(wins), batch_size)]
+    mine = my_batches(len(batches), g)
+    mx.reset_peak_memory()
+    tic = time.perf_counter()
+    results: dict[int, list[tuple[float, int]]] = {}
+    for done, b in enumerate(mine, 1):
+        results[b] = window_nll(model, ids, batches[b])
+        if progress:
+            progress(done, len(mine))
+    everything: dict[int, list] = {}
+    for part in gather({str(k): v for k, v in results.items()}, g):
+        everything.update({int(k): v for k, v in part.items()})
+    seconds = time.perf_counter() - tic
+    per_window = [w for b in range(len(batches)) for w in everything[b]]
+    total = math.fsum(s for s, _ in per_window)
+    tokens = sum(n for _, n in per_window)
+    peak = max(gather(mx.get_peak_memory(), g))
+    return PerplexityResult(tokens=tokens, nll=total / tokens, ppl=math.exp(total / tokens), documents=len(docs),
+                            windows=len(wins), seq_len=seq_len, stride=stride, batch_size=batch_size,
+                            ranks=g.size(), seconds=seconds, tokens_per_second=tokens / seconds,
+                            peak_memory_bytes=peak)
