@@ -1,9 +1,11 @@
 """Token-weighted perplexity over text or JSONL files, in windows, data-parallel under ``mlx.launch``.
 
-Each document is encoded with BOS and cut into windows of ``seq_len`` tokens that start ``stride`` apart; a
-window scores only the tokens no earlier window scored (the rest is context), so every token after BOS is
-scored exactly once. Windows are batched in document order; batches are shared among ranks and the per-window
-sums are gathered and added up in window order, so the figure does not depend on the number of processes.
+Each document is encoded with BOS and cut into windows of at most ``seq_len`` tokens: a window scores the
+``stride`` tokens after the previous window's (at most ``seq_len - 1``) and holds as many tokens before them as
+fit, as context; so every token after BOS is scored exactly once, with at least ``seq_len - stride`` tokens of
+context once the document is long enough. Windows are batched in document order; batches are shared among
+ranks and the per-window sums are gathered and added up in window order, so the figure does not depend on the
+number of processes.
 """
 
 from __future__ import annotations
@@ -46,16 +48,14 @@ class PerplexityResult:
 
 
 def windows(n: int, seq_len: int, stride: int) -> list[tuple[int, int, int]]:
-    """``(start, end, first scored)`` windows over ``n`` tokens: position 0 (BOS) is never scored, every other
-    position exactly once, each with at least ``seq_len - stride`` tokens of context when it has them."""
-    out, scored = [], 1
-    for start in range(0, max(1, n - 1), stride):
-        end = min(start + seq_len, n)
-        if max(scored, start + 1) < end:
-            out.append((start, end, max(scored, start + 1)))
-        scored = end
-        if end == n:
-            break
+    """``(start, end, first scored)`` windows over ``n`` tokens. Position 0 (BOS) is never scored, every other
+    position exactly once: each window scores the next ``stride`` tokens (at most ``seq_len - 1``, so that even
+    its first scored token has context) after as many earlier tokens as fit in ``seq_len``."""
+    out, step, first = [], min(stride, seq_len - 1), 1
+    while first < n:
+        end = min(first + step, n)
+        out.append((max(0, end - seq_len), end, first))
+        first = end
     return out
 
 
