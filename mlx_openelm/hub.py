@@ -36,8 +36,8 @@ def load(path: str | Path, dtype: str | mx.Dtype | None = "auto", chat_template:
     first use, see :func:`resolve_model`); ``dtype`` and ``adapter_path`` as for
     :func:`~mlx_openelm.load.load_model`. The folder and the tokenizer are checked before the weights load."""
     folder = resolve_model(path)
+    tokenizer = load_tokenizer(folder, chat_template=chat_template)  # cheap checks first: no weights read yet
     check_folder(folder)
-    tokenizer = load_tokenizer(folder, chat_template=chat_template)
     return load_model(folder, dtype=dtype, adapter_path=adapter_path), tokenizer
 
 

@@ -75,22 +75,24 @@ def vocab_from_gguf(data: bytes) -> tuple[list[str], list[float], list[int]]:
 
 
 def vocab_from_llama_tokenizer_js(source: str) -> tuple[list[str], list[float], list[int]]:
-    """Pieces from llama-tokenizer-js, with the scores and types Meta's file gives them.
-
-    Ids 0-258 (``<unk>``, ``<s>``, ``</s>``, 256 byte pieces) score 0; the pieces made only of ``▁`` score
-    -1e9; every other id i scores -(i - 259).
-    """
+    """Pieces from llama-tokenizer-js, with the scores and types Meta's file gives them (:func:`vocab_from_pieces`)."""
     m = re.search(r'llama_vocab_base64\s*=\s*"([A-Za-z0-9+/=]+)"', source)
     if m is None:
         raise ValueError("llama_vocab_base64 not found in llama-tokenizer.js")
-    pieces = base64.b64decode(m.group(1)).decode("utf-8").split("\n")
+    return vocab_from_pieces(base64.b64decode(m.group(1)).decode("utf-8").split("\n"))
+
+
+def vocab_from_pieces(pieces: list[str]) -> tuple[list[str], list[float], list[int]]:
+    """Llama-2's pieces in id order with Meta's scores and types: ids 0-258 (``<unk>``, ``<s>``, ``</s>``, 256 byte
+    pieces) score 0; the pieces made only of ``▁`` score -1e9; every other id i scores -(i - 259)."""
     scores = [0.0 if i < 259 else -1e9 if set(p) == {"\u2581"} else -float(i - 259) for i, p in enumerate(pieces)]
     types = [_UNKNOWN, _CONTROL, _CONTROL] + [_BYTE] * 256 + [_NORMAL] * (len(pieces) - 259)
-    return pieces, scores, types
+    return pieces, scores, types[: len(pieces)]
 
 
-def build_model_proto(pieces: list[str], scores: list[float], types: list[int]) -> bytes:
-    """Serialize a ModelProto with Meta's Llama-2 trainer and normalizer settings."""
+def build_model_proto(pieces: list[str], scores: list[float], types: list[int], vocab_size: int = 32000) -> bytes:
+    """Serialize a ModelProto with Meta's Llama-2 trainer and normalizer settings (``vocab_size`` for another
+    vocabulary in the same layout)."""
     m = pb.ModelProto()
     for piece, score, kind in zip(pieces, scores, types, strict=True):
         p = m.pieces.add(piece=piece, score=score)
@@ -100,7 +102,7 @@ def build_model_proto(pieces: list[str], scores: list[float], types: list[int]) 
     t.input.append("/large_experiments/theorem/datasets/MERGED/all.test1.merged")
     for name, value in dict(
         model_prefix="spm_model_32k_200M_charcov099995_allowWSO__v2", model_type=pb.TrainerSpec.BPE,
-        vocab_size=32000, self_test_sample_size=0, input_format="text", character_coverage=0.99995,
+        vocab_size=vocab_size, self_test_sample_size=0, input_format="text", character_coverage=0.99995,
         input_sentence_size=200000000, seed_sentencepiece_size=1000000, shrinking_factor=0.75, num_threads=80,
         num_sub_iterations=2, max_sentence_length=4192, shuffle_input_sentence=True, max_sentencepiece_length=16,
         split_by_unicode_script=True, split_by_whitespace=True, split_by_number=True,

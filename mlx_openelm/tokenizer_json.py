@@ -9,6 +9,7 @@ encode exactly like SentencePiece.
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import sentencepiece as spm
@@ -16,6 +17,7 @@ import sentencepiece as spm
 from mlx_openelm.fileio import atomic_write
 
 SPACE = "\u2581"
+_BYTE = re.compile(r"<0x[0-9A-F]{2}>")
 
 # Strings the parity check runs after writing: the cases where tokenizers most often differ.
 PROBES = (
@@ -121,3 +123,37 @@ def write_hf_files(model_path: Path, dest_dir: Path, chat_template: str | None =
 
 def _is_normal(sp: spm.SentencePieceProcessor, i: int) -> bool:
     return not (sp.is_control(i) or sp.is_unknown(i) or sp.is_byte(i) or sp.is_unused(i))
+
+
+def model_from_tokenizer_json(path: Path) -> bytes:
+    """A SentencePiece ``tokenizer.model`` rebuilt from a ``tokenizer.json`` in the layout :func:`tokenizer_json`
+    writes (what ``mlx_lm.fuse`` leaves, having no ``tokenizer.model``), checked to encode exactly like it.
+
+    Meta's vocabulary gives back Meta's exact file. Otherwise each merged piece scores minus the rank of its first
+    merge, which keeps SentencePiece's merge order, and so its encoding, the same.
+    """
+    from mlx_openelm.llama_vocab import META_SHA256, build_model_proto, sha256, vocab_from_pieces
+
+    try:
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+        model = data["model"]
+        pieces = [p for p, _ in sorted(model["vocab"].items(), key=lambda kv: kv[1])]
+        merges = [m if isinstance(m, list) else m.split(" ") for m in model["merges"]]
+        specials = {t["content"] for t in data.get("added_tokens", []) if t.get("special")}
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, AttributeError) as e:
+        raise ValueError(f"{path} is not a tokenizer.json this project can read ({e!r}); fetch the tokenizer with "
+                         "`mlx-openelm tokenizer fetch`") from None
+    proto = build_model_proto(*vocab_from_pieces(pieces))
+    if sha256(proto) == META_SHA256:
+        return proto
+    first_merge = {}
+    for rank, (left, right) in enumerate(merges):
+        first_merge.setdefault(left + right, rank)
+    unk = model.get("unk_token")
+    types = [2 if p == unk else 3 if p in specials else 6 if _BYTE.fullmatch(p) else 1 for p in pieces]
+    scores = [0.0 if t != 1 else -float(first_merge.get(p, len(merges) + i)) for i, (p, t) in enumerate(zip(pieces,
+                                                                                                            types))]
+    proto = build_model_proto(pieces, scores, types, vocab_size=len(pieces))
+    sp = spm.SentencePieceProcessor(model_proto=proto)
+    check_parity(Path(path), sp)
+    return proto

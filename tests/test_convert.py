@@ -225,3 +225,36 @@ def test_bfloat16_top1_agrees_with_float32_on_the_trained_model(tmp_path, traine
         agree.append(top1[0] == top1[1])
     agreement = mx.concatenate(agree).astype(mx.float32).mean().item()
     assert agreement >= 0.99
+
+
+def test_a_killed_conversion_leaves_nothing_the_next_run_does_not_clean(tmp_path):
+    # Measured as a user would see it: kill -9 while the temporary folder is being written, then convert again.
+    import os
+    import signal
+    import stat
+    import subprocess
+    import sys
+    import time
+
+    from mlx_openelm import preset
+
+    args = preset("OpenELM-270M", model_dim=512, head_dim=64, vocab_size=32000)
+    src = write_hf_checkpoint(random_model(args, dtype="float32"), args.to_dict(), tmp_path / "src")
+    out = tmp_path / "out"
+    cmd = [str(Path(sys.executable).with_name("mlx-openelm")), "convert", str(src), "-o", str(out), "--dtype",
+           "float32", "--tokenizer", "none-given"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and not any(p.glob("model*.safetensors") for p in tmp_path.glob(".out.*.tmp")):
+        time.sleep(0.005)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait(timeout=30)
+    stale = list(tmp_path.glob(".out.*.tmp"))
+    assert len(stale) == 1 and not out.exists(), "the kill must land mid-conversion"
+    result = convert(src, out, dtype="float32", tokenizer_rebuild=False)
+    assert result.stale_removed == [stale[0].name] and not stale[0].exists()
+    assert any("left by interrupted conversions" in line for line in result.summary())
+    umask = os.umask(0)
+    os.umask(umask)
+    assert stat.S_IMODE(out.stat().st_mode) == 0o777 & ~umask  # not mkdtemp's 0700
+    assert all(stat.S_IMODE(p.stat().st_mode) == 0o666 & ~umask for p in out.glob("*.json"))

@@ -116,6 +116,19 @@ def test_tokenizer_json_encodes_like_sentencepiece(converted, sp):
     assert hf.encode("Hello world").ids == [1] + sp.encode("Hello world")
 
 
+def test_a_folder_with_only_tokenizer_json_gets_its_sentencepiece_model_back(tmp_path, converted, sp):
+    # What mlx_lm.fuse leaves: tokenizer.json and the template, no tokenizer.model.
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        (tmp_path / name).write_bytes((converted / name).read_bytes())
+    tok = load_tokenizer(tmp_path)
+    texts = varied_strings(3_000) + HARD_STRINGS
+    assert [tok.sp.encode(t) for t in texts] == [sp.encode(t) for t in texts]
+    assert tok.chat_template == INSTRUCT_CHAT_TEMPLATE and tok.vocab_size == sp.vocab_size()
+    (tmp_path / "tokenizer.json").write_text("{}")
+    with pytest.raises(ValueError, match="not a tokenizer.json this project can read"):
+        load_tokenizer(tmp_path)
+
+
 def test_transformers_and_mlx_lm_load_the_same_tokenizer(converted, sp):
     from mlx_lm.tokenizer_utils import SPMStreamingDetokenizer
     from mlx_lm.tokenizer_utils import load as mlx_lm_load_tokenizer
