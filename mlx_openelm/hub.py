@@ -11,9 +11,10 @@ import mlx.core as mx
 
 from .convert import convert
 from .fileio import cache_dir, is_repo_id
-from .load import check_folder, load_model
+from .load import check_folder, load_model, read_config
 from .model import Model
-from .tokenizer import Tokenizer, load_tokenizer
+from .tokenizer import Tokenizer
+from .tokenizer_fetch import load_tokenizer
 
 
 def resolve_model(name: str | Path) -> Path:
@@ -36,7 +37,8 @@ def load(path: str | Path, dtype: str | mx.Dtype | None = "auto", chat_template:
     first use, see :func:`resolve_model`); ``dtype`` and ``adapter_path`` as for
     :func:`~mlx_openelm.load.load_model`. The folder and the tokenizer are checked before the weights load."""
     folder = resolve_model(path)
-    tokenizer = load_tokenizer(folder, chat_template=chat_template)  # cheap checks first: no weights read yet
+    read_config(folder)  # cheap checks first (the folder, its config, the tokenizer): no weights read yet
+    tokenizer = load_tokenizer(folder, chat_template=chat_template)
     check_folder(folder)
     return load_model(folder, dtype=dtype, adapter_path=adapter_path), tokenizer
 

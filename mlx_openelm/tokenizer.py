@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import codecs
 import functools
-import json
 import re
 from pathlib import Path
 
@@ -199,35 +198,3 @@ def _compile_template(source: str, origin: str) -> jinja2.Template:
         return env.from_string(source)
     except jinja2.TemplateSyntaxError as e:
         raise ValueError(f"bad chat template in {origin}: line {e.lineno}: {e.message}") from None
-
-
-def load_tokenizer(model_dir: str | Path, chat_template: str | Path | None = None) -> Tokenizer:
-    """Load ``model_dir/tokenizer.model`` with the chat template stored beside it (``tokenizer_config.json``, or
-    the ``chat_template.jinja`` newer transformers write).
-
-    ``chat_template``, a path to a Jinja file, overrides the stored template. A folder with ``tokenizer.json``
-    but no ``tokenizer.model`` (as ``mlx_lm.fuse`` writes) gets its SentencePiece model rebuilt in memory from it.
-    """
-    model_dir = Path(model_dir)
-    origin = Path(chat_template) if chat_template is not None else model_dir / "tokenizer_config.json"
-    template = None
-    if chat_template is not None:
-        if not origin.is_file():
-            raise FileNotFoundError(f"chat template file not found: {origin}")
-        template = origin.read_text(encoding="utf-8")
-    elif (model_dir / "chat_template.jinja").is_file():
-        origin = model_dir / "chat_template.jinja"
-        template = origin.read_text(encoding="utf-8")
-    elif origin.is_file():
-        try:
-            template = json.loads(origin.read_text(encoding="utf-8")).get("chat_template")
-        except (json.JSONDecodeError, UnicodeDecodeError, AttributeError) as e:
-            raise ValueError(f"{origin} is not a valid tokenizer config ({e}): fetch it again with "
-                             "`mlx-openelm tokenizer fetch`") from None
-    path = model_dir / "tokenizer.model"
-    if not path.is_file() and (model_dir / "tokenizer.json").is_file():
-        from .tokenizer_json import model_from_tokenizer_json
-
-        sp = spm.SentencePieceProcessor(model_proto=model_from_tokenizer_json(model_dir / "tokenizer.json"))
-        return Tokenizer(sp, template, str(origin))
-    return Tokenizer.from_file(path, template, str(origin))

@@ -1,4 +1,5 @@
-"""Get a ``tokenizer.model`` for OpenELM: Apple's repos lack it and Meta's copy sits behind a gated account.
+"""Where a tokenizer comes from: the one of a model folder (:func:`load_tokenizer`), and a ``tokenizer.model`` for
+OpenELM, which Apple's repos lack and Meta's copy sits behind a gated account.
 
 Routes, in order: the model's own directory; ``--tokenizer`` (a file, a directory, a downloaded package
 artifact, or a Hugging Face repo id, with ``HF_TOKEN``); then a rebuild of Meta's exact file from the
@@ -8,6 +9,7 @@ the rebuilt file is cached, never written into the repository.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -21,8 +23,8 @@ import sentencepiece as spm
 
 from mlx_openelm.fileio import atomic_write, cache_dir, is_repo_id
 from mlx_openelm.llama_vocab import META_SHA256, NPM_PACKAGE, PYPI_PACKAGE, rebuild_from_artifact, sha256
-from mlx_openelm.tokenizer import INSTRUCT_CHAT_TEMPLATE
-from mlx_openelm.tokenizer_json import write_hf_files
+from mlx_openelm.tokenizer import INSTRUCT_CHAT_TEMPLATE, Tokenizer
+from mlx_openelm.tokenizer_json import model_from_tokenizer_json, write_hf_files
 
 TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json")
 HOW_TO_SUPPLY = ("supply it with --tokenizer PATH_OR_REPO (a tokenizer.model, a Hugging Face repo id with HF_TOKEN "
@@ -196,3 +198,33 @@ def ensure_tokenizer(dest_dir: Path, source_dir: Path | None = None, tokenizer: 
     template. Returns ``dest_dir/tokenizer.model``; raises ``TokenizerUnavailable`` with the routes tried.
     """
     return fetch_tokenizer(dest_dir, source_dir, tokenizer, instruct, allow_rebuild).path
+
+
+def load_tokenizer(model_dir: str | Path, chat_template: str | Path | None = None) -> Tokenizer:
+    """Load ``model_dir/tokenizer.model`` with the chat template stored beside it (``tokenizer_config.json``, or
+    the ``chat_template.jinja`` newer transformers write).
+
+    ``chat_template``, a path to a Jinja file, overrides the stored template. A folder with ``tokenizer.json``
+    but no ``tokenizer.model`` (as ``mlx_lm.fuse`` writes) gets its SentencePiece model rebuilt in memory from it.
+    """
+    model_dir = Path(model_dir)
+    origin = Path(chat_template) if chat_template is not None else model_dir / "tokenizer_config.json"
+    template = None
+    if chat_template is not None:
+        if not origin.is_file():
+            raise FileNotFoundError(f"chat template file not found: {origin}")
+        template = origin.read_text(encoding="utf-8")
+    elif (model_dir / "chat_template.jinja").is_file():
+        origin = model_dir / "chat_template.jinja"
+        template = origin.read_text(encoding="utf-8")
+    elif origin.is_file():
+        try:
+            template = json.loads(origin.read_text(encoding="utf-8")).get("chat_template")
+        except (json.JSONDecodeError, UnicodeDecodeError, AttributeError) as e:
+            raise ValueError(f"{origin} is not a valid tokenizer config ({e}): fetch it again with "
+                             "`mlx-openelm tokenizer fetch`") from None
+    path = model_dir / "tokenizer.model"
+    if not path.is_file() and (model_dir / "tokenizer.json").is_file():
+        sp = spm.SentencePieceProcessor(model_proto=model_from_tokenizer_json(model_dir / "tokenizer.json"))
+        return Tokenizer(sp, template, str(origin))
+    return Tokenizer.from_file(path, template, str(origin))

@@ -105,3 +105,16 @@ def describe(docs: list[Document]) -> dict:
         "held_out": {"documents": len(held), "bytes": sum(len(d.text.encode()) for d in held), "sha256": digest(held),
                      "names": [d.name for d in held]},
     }
+
+
+def write_documents(docs: list[Document], folder: Path) -> Path:
+    """Each document as a text file in ``folder`` (for ``mlx-openelm perplexity --data folder``)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for d in docs:
+        (folder / (d.name.replace("/", "__") + ".txt")).write_text(d.text, encoding="utf-8")
+    return folder
+
+
+def sample(docs: list[Document], chars: int) -> str:
+    """The first ``chars`` characters of the documents' texts, in order (a small, fixed piece of a split)."""
+    return "".join(d.text for d in docs)[:chars]

@@ -22,7 +22,7 @@ from spm_util import train_spm
 from tiny import TINY_CONFIG, tiny_args
 
 from mlx_openelm import Model, __version__, generate_step, load, load_model, random_model
-from mlx_openelm.tokenizer import load_tokenizer
+from mlx_openelm.tokenizer_fetch import load_tokenizer
 
 REPO = Path(__file__).resolve().parents[1]
 TOKENS = mx.array(np.random.default_rng(0).integers(0, TINY_CONFIG["vocab_size"], (2, 9)))

@@ -17,7 +17,8 @@ import pytest
 from trained_model import load_checkpoint, margins
 
 from mlx_openelm import load_model
-from mlx_openelm.tokenizer import INSTRUCT_CHAT_TEMPLATE, load_tokenizer
+from mlx_openelm.tokenizer import INSTRUCT_CHAT_TEMPLATE
+from mlx_openelm.tokenizer_fetch import load_tokenizer
 
 CONVERSIONS = {
     "bfloat16": ["--dtype", "bfloat16"],

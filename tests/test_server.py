@@ -19,7 +19,8 @@ from openai import OpenAI
 from tiny import tiny_args
 
 from mlx_openelm import random_model, save
-from mlx_openelm.tokenizer import Tokenizer, load_tokenizer
+from mlx_openelm.tokenizer import Tokenizer
+from mlx_openelm.tokenizer_fetch import load_tokenizer
 
 
 def _free_port() -> int:

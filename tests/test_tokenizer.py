@@ -9,8 +9,8 @@ import sentencepiece as spm
 from sentencepiece import sentencepiece_model_pb2 as pb
 from spm_util import HARD_STRINGS, train_spm, varied_strings
 
-from mlx_openelm.tokenizer import INSTRUCT_CHAT_TEMPLATE, Tokenizer, load_tokenizer
-from mlx_openelm.tokenizer_fetch import TokenizerUnavailable, ensure_tokenizer
+from mlx_openelm.tokenizer import INSTRUCT_CHAT_TEMPLATE, Tokenizer
+from mlx_openelm.tokenizer_fetch import TokenizerUnavailable, ensure_tokenizer, load_tokenizer
 
 CHAT = [
     {"role": "system", "content": "SYSTEM"},

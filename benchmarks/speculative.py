@@ -1,0 +1,202 @@
+"""Speculative decoding, measured: plain greedy decoding, a draft model and prompt lookup through this project's
+compiled step, against mlx-lm's speculative decoding on the same weights, alternating in one run.
+
+1. The trained stand-ins (``standins/``: a 5.8M target and its 1.2M draft, same tokenizer), on two tasks over
+   held-out standard-library code: free continuation (the first lines of a file, then 96 tokens), and an
+   input-grounded one (a stretch of a file, then "# The same code again, with A renamed to B:", which the target
+   answers by copying the stretch with the change).
+2. A random OpenELM-270M (bfloat16) with its own 4-bit copy as the draft, on random prompt ids. Random weights
+   repeat one token, so every draft is accepted: this part shows the cost structure at 270M size, not a gain a
+   trained model would see.
+3. The verify cost at 270M: one compiled pass over K + 1 tokens against one single-token step.
+
+Greedy throughout: every configuration yields the same tokens as plain decoding (checked here too). Each timed
+block is one generation; blocks alternate their order round by round; the figures are medians.
+
+    python benchmarks/speculative.py [--rounds 2] [--skip-270m]
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import mlx.core as mx
+import mlx.nn as nn
+from mlx_lm.generate import generate_step as mlx_lm_generate_step
+from mlx_lm.generate import generation_stream as mlx_lm_stream
+from mlx_lm.generate import speculative_generate_step as mlx_lm_speculative
+from mlx_lm.utils import load_model as mlx_lm_load_model
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "standins"))
+import corpus  # noqa: E402, I001
+
+from mlx_openelm import load, random_model, save  # noqa: E402
+from mlx_openelm.bench import time_generation, write_json  # noqa: E402
+from mlx_openelm.convert import convert  # noqa: E402
+from mlx_openelm.decode import DecodeStep  # noqa: E402
+from mlx_openelm.device import device_info  # noqa: E402
+
+RESULTS = REPO / "benchmarks" / "results"
+EDIT = "\n# The same code again, with {old} renamed to {new}:\n"
+# The issue's figures for today's uncompiled prefill path on a random 270M bfloat16 model (cost of an L-token
+# pass over a 1-token step), to compare the compiled verify pass with.
+UNCOMPILED = {2: 1.34, 4: 1.90, 6: 2.50, 9: 3.26}
+
+
+def mlx_lm_spec_step(draft, k, stats):
+    """mlx-lm's speculative generator as ``(token, logprobs)``, counting the tokens its draft produced."""
+
+    def step(prompt, model, max_tokens):
+        for token, logprobs, from_draft in mlx_lm_speculative(prompt, model, draft, num_draft_tokens=k,
+                                                              max_tokens=max_tokens):
+            stats["drafted_kept"] += bool(from_draft)
+            stats["tokens"] += 1
+            yield token, logprobs
+
+    return step
+
+
+def tasks(tokenizer, files: int) -> dict[str, list[tuple[mx.array, int]]]:
+    """(prompt ids, tokens to generate) per task, from held-out code files."""
+    _, held = corpus.split(corpus.documents())
+    code = [d for d in held if d.is_code and d.text.count("\n") > 60][:files]
+    out = {"continuation": [], "input-grounded": []}
+    for d in code:
+        lines = d.text.splitlines(keepends=True)
+        out["continuation"].append((mx.array(tokenizer.encode("".join(lines[:12]))), 96))
+        chunk = "".join(lines[20:34])
+        names = sorted({w for w in chunk.replace("(", " ").replace(".", " ").split() if w.isidentifier()
+                        and chunk.count(w) >= 2 and len(w) > 3})
+        old = names[0] if names else "self"
+        ids = tokenizer.encode(chunk + EDIT.format(old=old, new=f"{old}_2"))
+        out["input-grounded"].append((mx.array(ids), len(tokenizer.encode(chunk)) + 8))
+    return out
+
+
+def measure(configs: dict, prompts: list[tuple[mx.array, int]], rounds: int) -> dict:
+    """Alternating timed generations of every config over every prompt; medians and acceptance per config."""
+    times: dict[str, list[float]] = {name: [] for name in configs}
+    tokens: dict[str, list] = {name: [] for name in configs}
+    accept: dict[str, list] = {name: [] for name in configs}
+    for run in configs.values():  # warm-up: traces, allocations
+        run(*prompts[0])
+    for r in range(rounds):
+        for name in list(configs)[:: 1 if r % 2 == 0 else -1]:
+            for prompt, n in prompts:
+                trial, acc = configs[name](prompt, n)
+                times[name].append(trial.generation_tps)
+                tokens[name].append(trial.tokens)
+                accept[name].append(acc)
+    plain = tokens["plain"]
+    return {name: {"generation_tps": statistics.median(times[name]), "trials": len(times[name]),
+                   "acceptance_rate": None if accept[name][0] is None else statistics.mean(a[0] for a in accept[name]),
+                   "tokens_per_pass": None if accept[name][0] is None else statistics.mean(a[1] for a in accept[name]),
+                   "same_tokens_as_plain": tokens[name] == plain} for name in configs}
+
+
+def configs_for(target, draft, theirs, theirs_draft, k: int, lookup: int, lookup_k: int) -> dict:
+    def ours(spec):
+        def run(prompt, n):
+            t = time_generation(target, prompt, n, speculative=spec)
+            return t, (None if not spec else (t.acceptance_rate, t.tokens_per_pass))
+
+        return run
+
+    def mlx_lm(step_of):
+        def run(prompt, n):
+            stats = {"drafted_kept": 0, "tokens": 0}
+            t = time_generation(theirs, prompt, n, step_of(stats), stream=mlx_lm_stream)
+            # mlx-lm reports which tokens came from the draft; the pass count follows: each pass adds one of its own
+            passes = stats["tokens"] - stats["drafted_kept"]
+            return t, (None if step_of is plain_step else (stats["drafted_kept"] / max(1, passes * k),
+                                                           stats["tokens"] / max(1, passes)))
+
+        return run
+
+    def plain_step(stats):
+        return lambda prompt, model, max_tokens: ((t, lp) for t, lp in mlx_lm_generate_step(prompt, model,
+                                                                                               max_tokens=max_tokens))
+
+    return {
+        "plain": ours(None),
+        f"draft model, K={k}": ours({"draft_model": draft, "num_draft_tokens": k}),
+        f"prompt lookup n={lookup}, K={lookup_k}": ours({"prompt_lookup": lookup, "num_draft_tokens": lookup_k}),
+        "mlx-lm plain": mlx_lm(plain_step),
+        f"mlx-lm draft model, K={k}": mlx_lm(lambda stats: mlx_lm_spec_step(theirs_draft, k, stats)),
+    }
+
+
+def verify_cost(model, lengths=(1, 2, 4, 6, 9), context: int = 128, reps: int = 5) -> dict:
+    """Seconds of a compiled pass over L tokens (at ``context`` cached tokens) over one single-token step."""
+    from mlx_openelm import make_cache
+
+    cache = make_cache(model)
+    step = DecodeStep(model, cache)
+    step.prefill(mx.random.randint(0, model.args.vocab_size, (1, context)))
+    out = {}
+    for n in lengths:
+        tokens = mx.random.randint(0, model.args.vocab_size, (1, n)).astype(mx.uint32)
+        run = functools.partial(step if n == 1 else step.verify, tokens)
+        for _ in range(2):  # trace and warm up
+            mx.eval(run())
+            for c in cache:
+                c.trim(n)
+        best = []
+        for _ in range(reps):
+            tic = time.perf_counter()
+            mx.eval(run())
+            best.append(time.perf_counter() - tic)
+            for c in cache:
+                c.trim(n)
+        out[n] = statistics.median(best)
+    return {str(n): {"ms": 1e3 * s, "over_one_token": s / out[1], "uncompiled_prefill": UNCOMPILED.get(n)}
+            for n, s in out.items()}
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--rounds", type=int, default=2)
+    p.add_argument("--files", type=int, default=3, help="held-out files per task")
+    p.add_argument("--skip-270m", action="store_true")
+    args = p.parse_args(argv)
+    record: dict = {"device": device_info(), "rounds": args.rounds}
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        folders = {n: convert(REPO / "standins" / f"openelm-stdlib-{n}", tmp / n, tokenizer_rebuild=False).path
+                   for n in ("target", "draft")}
+        (target, tok), (draft, _) = load(folders["target"]), load(folders["draft"])
+        theirs, theirs_draft = mlx_lm_load_model(folders["target"])[0], mlx_lm_load_model(folders["draft"])[0]
+        configs = configs_for(target, draft, theirs, theirs_draft, k=3, lookup=3, lookup_k=8)
+        record["standins"] = {}
+        for task, prompts in tasks(tok, args.files).items():
+            record["standins"][task] = measure(configs, prompts, args.rounds)
+            print(task, record["standins"][task], flush=True)
+        if not args.skip_270m:
+            big = random_model("OpenELM-270M", dtype="bfloat16")
+            q4 = random_model("OpenELM-270M", dtype="bfloat16")
+            nn.quantize(q4, group_size=64, bits=4)
+            mx.eval(q4.parameters())
+            their_big = mlx_lm_load_model(save(big, tmp / "270m"))[0]
+            their_q4 = mlx_lm_load_model(save(q4, tmp / "270m-q4", config={"quantization": {
+                "group_size": 64, "bits": 4, "mode": "affine"}}))[0]
+            prompts = [(mx.random.randint(0, 32000, (32,), key=mx.random.key(i)).astype(mx.uint32), 48)
+                       for i in range(2)]
+            big_configs = configs_for(big, q4, their_big, their_q4, k=3, lookup=3, lookup_k=8)
+            record["270m_random"] = measure(big_configs, prompts, 1)
+            print("270M", record["270m_random"], flush=True)
+            record["verify_cost_270m"] = verify_cost(big)
+            print("verify cost", record["verify_cost_270m"], flush=True)
+    path = write_json(RESULTS / "speculative.json", record)
+    print(f"wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
