@@ -371,7 +371,7 @@ def batch_command(
     from mlx_openelm.hub import resolve_model
     from mlx_openelm.jobs.batch_generate import batch_generate, read_items
     from mlx_openelm.load import check_folder
-    from mlx_openelm.tokenizer import load_tokenizer
+    from mlx_openelm.tokenizer_fetch import load_tokenizer
 
     defaults = {"max_tokens": max_tokens, "temperature": temp, "top_p": top_p, "top_k": top_k, "min_p": min_p,
                 "seed": seed, "repetition_penalty": repetition_penalty}

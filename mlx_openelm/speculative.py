@@ -221,51 +221,55 @@ def speculative_generate_step(
         last, emitted = ids[-1], 0
         seq = list(ids)  # the prompt and every token yielded
         positions = max(model.args.max_context_length, model.args.rope_max_length)
-        while emitted < budget:
-            # Drafts are not cut to the budget, so that the last token too can come from an accepted run; only
-            # the positions the model supports bound them.
-            k = max(0, min(k_max, positions - cache[0].offset - 1))
-            with mx.stream(stream):
-                drafts, q_logits = propose(last, k)
-                n = len(drafts)
-                head = mx.array([last], dtype=mx.uint32)
-                row = mx.concatenate([head, *(d.astype(mx.uint32) for d in drafts)]) if n and not lookup \
-                    else mx.array([last, *drafts], dtype=mx.uint32)
-                logits = target.logits(row[None])
-                drafted = (drafts if lookup else row[1:].tolist()) if processors else []
-                logprobs = [_normalized(processed(logits[:, i], history + [last] + drafted[:i])) for i in range(n + 1)]
-                accepted, bonus = _accept(sampler, logprobs, row[1:], q_logits, n)
-            kept = (drafts[:accepted] if lookup else row[1 : 1 + accepted].tolist()) + [bonus]
-            target.trim(n - accepted)
-            if draft and n:
-                if accepted < n:
-                    draft.trim(n - 1 - accepted)
-                else:
-                    pending = [kept[-2]]  # the last draft token: proposed, never fed to the draft
-            stats.passes += 1
-            stats.drafted += n
-            stats.accepted += accepted
-            stats.runs.append(accepted)
-            history += [last] + kept[:-1]
-            if lookup:
-                lookup.extend(kept)
-            for i, token in enumerate(kept[: budget - emitted]):
-                seq.append(token)
-                yield token, logprobs[i][0]
-                emitted += 1
-            last = bonus
-        # As after plain decoding, both caches hold the prompt and every token but the last: the target may hold
-        # accepted drafts past the budget, the draft may lag by the tokens it was not fed yet.
-        want = base + len(ids) + emitted - 1
-        target.trim(cache[0].offset - want)
-        if draft:
-            held = draft.cache[0].offset
-            if held > want:
-                draft.trim(held - want)
-            elif held < want:
+        try:
+            while emitted < budget:
+                # Drafts are not cut to the budget, so that the last token too can come from an accepted run; only
+                # the positions the model supports bound them.
+                k = max(0, min(k_max, positions - cache[0].offset - 1))
                 with mx.stream(stream):
-                    draft.logits(mx.array([seq[held - base : want - base]]))
-                    mx.eval([c.state for c in draft.cache])
+                    drafts, q_logits = propose(last, k)
+                    n = len(drafts)
+                    head = mx.array([last], dtype=mx.uint32)
+                    row = mx.concatenate([head, *(d.astype(mx.uint32) for d in drafts)]) if n and not lookup \
+                        else mx.array([last, *drafts], dtype=mx.uint32)
+                    logits = target.logits(row[None])
+                    drafted = (drafts if lookup else row[1:].tolist()) if processors else []
+                    fed = history + [last]
+                    logprobs = [_normalized(processed(logits[:, i], fed + drafted[:i])) for i in range(n + 1)]
+                    accepted, bonus = _accept(sampler, logprobs, row[1:], q_logits, n)
+                kept = (drafts[:accepted] if lookup else row[1 : 1 + accepted].tolist()) + [bonus]
+                target.trim(n - accepted)
+                if draft and n:
+                    if accepted < n:
+                        draft.trim(n - 1 - accepted)
+                    else:
+                        pending = [kept[-2]]  # the last draft token: proposed, never fed to the draft
+                stats.passes += 1
+                stats.drafted += n
+                stats.accepted += accepted
+                stats.runs.append(accepted)
+                history += [last] + kept[:-1]
+                if lookup:
+                    lookup.extend(kept)
+                for i, token in enumerate(kept[: budget - emitted]):
+                    seq.append(token)
+                    emitted += 1  # counted before the yield: a consumer may stop right there
+                    yield token, logprobs[i][0]
+                last = bonus
+        finally:
+            # Also when the consumer stops early (EOS, a stop string): as after plain decoding, both caches hold the
+            # prompt and every token yielded but the last; the target may hold accepted drafts past it, the draft
+            # may lag by the tokens it was not fed yet.
+            want = base + len(ids) + emitted - 1
+            target.trim(cache[0].offset - want)
+            if draft:
+                held = draft.cache[0].offset
+                if held > want:
+                    draft.trim(held - want)
+                elif held < want:
+                    with mx.stream(stream):
+                        draft.logits(mx.array([seq[held - base : want - base]]))
+                        mx.eval([c.state for c in draft.cache])
 
 
 def _accept(sampler: Sampler, logprobs: list[mx.array], drafts: mx.array, q_logits: list[mx.array],

@@ -187,3 +187,21 @@ def test_speculative_sampling_keeps_the_target_distribution():
         counts[np.arange(3), out] += 1
     tv = [0.5 * np.abs(counts[i] / runs - exact[i]).sum() for i in range(3)]
     assert max(tv) < 0.1, tv
+
+
+@pytest.mark.parametrize("spec", [{"draft": True}, {"prompt_lookup": 2}])
+def test_chat_turns_decode_speculatively_with_the_same_replies(memorizer, spec):
+    # Two turns: the draft model's cache is kept in step with the target's across them.
+    from mlx_openelm.chat import ChatSession
+    from mlx_openelm.tokenizer import INSTRUCT_CHAT_TEMPLATE
+
+    model, tok, t = memorizer
+    tok = Tokenizer(tok.sp, chat_template=INSTRUCT_CHAT_TEMPLATE)
+    plain = ChatSession(model, tok)
+    kw = {"draft_model": model} if spec.get("draft") else {"prompt_lookup": spec["prompt_lookup"]}
+    fast = ChatSession(model, tok, num_draft_tokens=4, **kw)
+    for message in (t.prompt, "And then?"):
+        assert "".join(plain.reply(message, max_tokens=40)) == "".join(fast.reply(message, max_tokens=40))
+        assert fast.tokens == plain.tokens
+    if spec.get("draft"):
+        assert [c.offset for c in fast.draft_cache] == [c.offset for c in fast.cache] == [len(fast.tokens)] * 3
