@@ -123,9 +123,13 @@ class BatchDecoder:
         mx.eval(self.keys, self.values)
 
     def row_cache(self, row: Row, upto: int) -> list[tuple[mx.array, mx.array]]:
-        """Copies of the first ``upto`` cached positions of ``row`` (for the prompt-prefix cache)."""
+        """Copies of the first ``upto`` cached positions of ``row`` (for the prompt-prefix cache). Copies, not
+        slices: a slice would keep the whole batch buffer alive."""
         i = self.rows.index(row)
-        return [(k[i : i + 1, :, :upto], v[i : i + 1, :, :upto]) for k, v in zip(self.keys, self.values)]
+        kv = [(mx.contiguous(k[i : i + 1, :, :upto]), mx.contiguous(v[i : i + 1, :, :upto]))
+              for k, v in zip(self.keys, self.values)]
+        mx.eval(kv)
+        return kv
 
     def step(self) -> list[int]:
         """Feed every row its last token; returns the next token of each row, in row order."""

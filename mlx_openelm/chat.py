@@ -133,7 +133,7 @@ class ChatSession:
             logits_processors=logits_processors,
             prompt_cache=self.cache,
             prefill_step_size=self.prefill_step_size,
-            **self._speculative(),
+            **self._speculative(ids[:common]),
         )
         generated: list[int] = []
         pieces: list[str] = []
@@ -192,12 +192,13 @@ class ChatSession:
             return text, self._ids + full[len(known) :]
         return text, self._ids + self.tokenizer.encode(text[len(self._text) :], bos=False)
 
-    def _speculative(self) -> dict[str, Any]:
+    def _speculative(self, cached: list[int]) -> dict[str, Any]:
         if self.draft_model is not None:
             return {"draft_model": self.draft_model, "draft_cache": self.draft_cache,
                     "num_draft_tokens": self.num_draft_tokens}
-        if self.prompt_lookup is not None:
-            return {"prompt_lookup": self.prompt_lookup, "num_draft_tokens": self.num_draft_tokens}
+        if self.prompt_lookup is not None:  # it drafts from the whole conversation, the cached part too
+            return {"prompt_lookup": self.prompt_lookup, "num_draft_tokens": self.num_draft_tokens,
+                    "context_ids": cached}
         return {}
 
     def _caches(self) -> list:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import functools
 import math
 import os
+import threading
 from typing import Any
 
 import mlx.core as mx
@@ -31,11 +32,16 @@ def cpu_lanes() -> int:
     return max(1, min(cores, 8))
 
 
-@functools.cache
+_LANES = threading.local()
+
+
 def lane_streams(n: int) -> tuple[mx.Stream | None, ...]:
-    """``n`` lanes: lane 0 (None) runs on the caller's stream, the others on CPU streams of their own (made on
-    first use, never at import)."""
-    return (None, *(mx.new_stream(mx.cpu) for _ in range(n - 1)))
+    """``n`` lanes: lane 0 (None) runs on the caller's stream, the others on CPU streams of their own, made on first
+    use in each thread (an MLX stream may only be used on the thread that made it; none is made at import)."""
+    cache = _LANES.__dict__
+    if n not in cache:
+        cache[n] = (None, *(mx.new_stream(mx.cpu) for _ in range(n - 1)))
+    return cache[n]
 
 
 def row_cuts(rows: int, n: int) -> list[int]:

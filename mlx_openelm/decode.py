@@ -16,6 +16,7 @@ Both sets run on any device, so both are tested everywhere.
 from __future__ import annotations
 
 import functools
+import threading
 import warnings
 from dataclasses import dataclass
 from typing import Any
@@ -176,9 +177,13 @@ class StepFunction:
 
 
 @functools.cache
-def step_function(plan: Plan) -> StepFunction:
-    """The (cached) step function of ``plan``."""
+def _step_function(plan: Plan, thread: int) -> StepFunction:
     return StepFunction(plan)
+
+
+def step_function(plan: Plan) -> StepFunction:
+    """The step function of ``plan`` for this thread (cached: its traces use this thread's lane streams)."""
+    return _step_function(plan, threading.get_ident())
 
 
 class DecodeStep:

@@ -59,6 +59,7 @@ def generate_step(
     prompt_lookup: int | None = None,
     draft_cache: list | None = None,
     stats: SpeculativeStats | None = None,
+    context_ids: Sequence[int] = (),
 ) -> Iterator[tuple[int, mx.array]]:
     """Yield ``(token id, logprobs[vocab])`` for each generated token, like mlx-lm's ``generate_step``.
 
@@ -76,7 +77,7 @@ def generate_step(
 
     ``draft_model`` (same vocabulary) or ``prompt_lookup`` (an n-gram size) decode speculatively,
     ``num_draft_tokens`` at a time, with the same output (greedy: token for token; sampling: in distribution);
-    see :mod:`mlx_openelm.speculative` (``draft_cache``, ``stats``).
+    see :mod:`mlx_openelm.speculative` (``draft_cache``, ``stats``, ``context_ids``).
     """
     if draft_model is not None or prompt_lookup is not None:
         if max_kv_size is not None or kv_bits is not None:
@@ -85,7 +86,7 @@ def generate_step(
             prompt, model, draft_model=draft_model, prompt_lookup=prompt_lookup, num_draft_tokens=num_draft_tokens,
             max_tokens=max_tokens, sampler=sampler, logits_processors=logits_processors,
             prefill_step_size=prefill_step_size, prompt_cache=prompt_cache, draft_cache=draft_cache,
-            compile=compile, kernels=kernels, stats=stats)
+            compile=compile, kernels=kernels, stats=stats, context_ids=context_ids)
         return
     check_prompt(prompt, prefill_step_size)
     cache = prompt_cache if prompt_cache is not None else make_cache(model, max_kv_size, kv_bits)

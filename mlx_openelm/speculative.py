@@ -6,11 +6,12 @@ itself (prompt lookup: what followed the latest earlier occurrence of the last N
 decoding). Rejected positions are undone by moving the caches' offsets back (``trim``): nothing is copied.
 
 Greedy decoding keeps a draft token while it equals the target's argmax, so the output is token for token the
-plain greedy output. Sampling uses standard speculative sampling: a draft token x drawn from q is kept with
-probability ``min(1, p(x) / q(x))``, else one token is drawn from ``max(0, p - q)`` renormalized, which makes the
-output distribution exactly the target's. Both p and q go through the same logits processors, temperature and
-filters (a prompt-lookup draft is a point mass). The draft model's steps and the target's verify pass are queued
-without waiting; the host reads once per pass, to learn how many tokens were accepted.
+plain greedy output (up to floating-point near-ties: a K + 1-token pass may round a logit differently from a
+one-token step; the tests see none). Sampling uses standard speculative sampling: a draft token x drawn from q
+is kept with probability ``min(1, p(x) / q(x))``, else one token is drawn from ``max(0, p - q)`` renormalized,
+which makes the output distribution exactly the target's. Both p and q go through the same logits processors,
+temperature and filters (a prompt-lookup draft is a point mass). The draft model's steps and the target's verify
+pass are queued without waiting; the host reads once per pass, to learn how many tokens were accepted.
 """
 
 from __future__ import annotations
@@ -139,12 +140,14 @@ def speculative_generate_step(
     compile: bool = True,
     kernels: str = "auto",
     stats: SpeculativeStats | None = None,
+    context_ids: Sequence[int] = (),
 ) -> Iterator[tuple[int, mx.array]]:
     """Yield ``(token id, logprobs[vocab])`` like :func:`~mlx_openelm.generate.generate_step`, drafting with
     ``draft_model`` or ``prompt_lookup`` (the n-gram size) ``num_draft_tokens`` at a time.
 
     ``prompt_cache`` / ``draft_cache`` (plain caches from ``make_cache``) continue a conversation: both must hold
-    the same tokens. ``stats`` (a :class:`SpeculativeStats`) is updated as tokens are produced. ``sampler`` is
+    the same tokens, ``context_ids`` (what they hold, for prompt lookup to draft from). ``stats`` (a
+    :class:`SpeculativeStats`) is updated as tokens are produced. ``sampler`` is
     greedy or one made by :func:`~mlx_openelm.sample.make_sampler` (speculative sampling needs its distribution).
     """
     check_prompt(prompt, prefill_step_size)
@@ -175,7 +178,7 @@ def speculative_generate_step(
     ids = prompt.tolist()
     lookup = PromptLookup(prompt_lookup) if prompt_lookup is not None else None
     if lookup:
-        lookup.extend(ids)
+        lookup.extend([*context_ids, *ids])
     history = ids[:-1]  # what the processors see: every token fed so far, as in plain decoding
     pending: list[int] = []  # tokens the draft model has not been fed yet (besides the last)
 
@@ -235,8 +238,9 @@ def speculative_generate_step(
                     logits = target.logits(row[None])
                     drafted = (drafts if lookup else row[1:].tolist()) if processors else []
                     fed = history + [last]
-                    logprobs = [_normalized(processed(logits[:, i], fed + drafted[:i])) for i in range(n + 1)]
-                    accepted, bonus = _accept(sampler, logprobs, row[1:], q_logits, n)
+                    rows = [processed(logits[:, i], fed + drafted[:i]) for i in range(n + 1)]
+                    logprobs = [_normalized(r) for r in rows]
+                    accepted, bonus = _accept(sampler, rows, logprobs, row[1:], q_logits, n)
                 kept = (drafts[:accepted] if lookup else row[1 : 1 + accepted].tolist()) + [bonus]
                 target.trim(n - accepted)
                 if draft and n:
@@ -272,11 +276,13 @@ def speculative_generate_step(
                         mx.eval([c.state for c in draft.cache])
 
 
-def _accept(sampler: Sampler, logprobs: list[mx.array], drafts: mx.array, q_logits: list[mx.array],
-            n: int) -> tuple[int, int]:
-    """``(draft tokens accepted, the token the target adds)`` for one pass (one host read, two when sampling)."""
+def _accept(sampler: Sampler, logits: list[mx.array], logprobs: list[mx.array], drafts: mx.array,
+            q_logits: list[mx.array], n: int) -> tuple[int, int]:
+    """``(draft tokens accepted, the token the target adds)`` for one pass (one host read, two when sampling).
+
+    Greedy compares with the argmax of the processed logits, as plain decoding takes it."""
     if sampler is greedy:
-        best = mx.concatenate([mx.argmax(lp, axis=-1) for lp in logprobs])
+        best = mx.concatenate([mx.argmax(x, axis=-1) for x in logits])
         best, drafts = best.tolist(), drafts.tolist()
         a = next((i for i in range(n) if drafts[i] != best[i]), n)
         return a, best[a]
@@ -294,4 +300,6 @@ def _accept(sampler: Sampler, logprobs: list[mx.array], drafts: mx.array, q_logi
         return n, sampler.categorical(p_logits[n]).item()
     residual = p[a] - q[a] if q is not None else p[a] * (mx.arange(p.shape[-1]) != drafts[a])
     residual = mx.maximum(residual, 0)
+    # p <= q everywhere only through rounding (a rejection then had probability ~0): draw from p itself.
+    residual = mx.where(residual.sum() > 0, residual, p[a])
     return a, sampler.categorical(mx.log(residual)[None]).item()

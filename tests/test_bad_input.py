@@ -221,6 +221,18 @@ def _(w, m, o):
     return ["batch", "-m", str(m), "--input", str(prompts), "--output", str(w / "out.jsonl")], w
 
 
+@case("batch: bad stop strings", "p.jsonl:2: stop must be")
+def _(w, m, o):
+    prompts = _jsonl(w, "p.jsonl", ['{"prompt": "a"}', '{"prompt": "b", "stop": 5}'])
+    return ["batch", "-m", str(m), "--input", str(prompts), "--output", str(w / "out.jsonl")], w
+
+
+@case("batch: bad repetition penalty", "p.jsonl:1: repetition_penalty must be")
+def _(w, m, o):
+    prompts = _jsonl(w, "p.jsonl", ['{"prompt": "a", "repetition_penalty": -1}'])
+    return ["batch", "-m", str(m), "--input", str(prompts), "--output", str(w / "out.jsonl")], w
+
+
 @case("batch: no input file", "no such file")
 def _(w, m, o):
     return ["batch", "-m", str(m), "--input", str(w / "none.jsonl"), "--output", str(w / "out.jsonl")], w

@@ -65,8 +65,10 @@ def read_items(path: str | Path, tokenizer: Any, max_context: int, defaults: dic
                 if isinstance(obj[key], bool) or not isinstance(obj[key], kinds):
                     raise ValueError(f"{where}: {key} must be a number, got {obj[key]!r}")
                 options[key] = obj[key]
-        stop = obj.get("stop", ())
-        stop = (stop,) if isinstance(stop, str) else tuple(stop)
+        stop = obj.get("stop") or ()
+        stop = (stop,) if isinstance(stop, str) else stop
+        if not isinstance(stop, list | tuple) or not all(isinstance(x, str) and x for x in stop):
+            raise ValueError(f"{where}: stop must be a non-empty string or a list of them, got {obj.get('stop')!r}")
         if "messages" in obj:
             messages = obj["messages"]
             if not isinstance(messages, list) or not all(isinstance(m, dict) and isinstance(m.get("content"), str)
@@ -89,9 +91,10 @@ def read_items(path: str | Path, tokenizer: Any, max_context: int, defaults: dic
         try:
             make_sampler(options["temperature"], options["top_p"], options["top_k"], options["min_p"],
                          options.get("seed"))
+            make_logits_processors(options.get("repetition_penalty"))
         except ValueError as e:
             raise ValueError(f"{where}: {e}") from None
-        items.append(Item(item_id, ids, min(options["max_tokens"], room), options, stop))
+        items.append(Item(item_id, ids, min(options["max_tokens"], room), options, tuple(stop)))
     return items
 
 
@@ -153,13 +156,22 @@ def batch_generate(model: Any, tokenizer: Any, input_path: str | Path, output_pa
     output = Path(output_path).expanduser()
     if output.is_dir() or not output.parent.is_dir():
         raise FileNotFoundError(f"--output {output}: give a file in an existing folder")
-    done = set(done_ids(output)) if g.rank() == 0 else set()
-    known = {i.id for i in items}
-    stray = [d for d in done if d not in known]
-    if stray:
-        raise ValueError(f"--output {output} holds id {stray[0]!r}, which is not in {input_path}: choose another "
-                         "output")
-    done = gather(sorted(done, key=str) if g.rank() == 0 else None, g)[0]
+    # Rank 0 reads the output; every rank learns what it found, a problem included (so none waits for the others).
+    status: dict[str, Any] = {"done": [], "error": None}
+    if g.rank() == 0:
+        try:
+            status["done"] = done_ids(output)
+            known = {i.id for i in items}
+            stray = [d for d in status["done"] if d not in known]
+            if stray:
+                raise ValueError(f"--output {output} holds id {stray[0]!r}, which is not in {input_path}: choose "
+                                 "another output")
+        except (ValueError, OSError) as e:
+            status["error"] = str(e)
+    status = gather(status, g)[0]
+    if status["error"]:
+        raise ValueError(status["error"])
+    done = status["done"]
     todo = [i for i in items if i.id not in set(done)]
     chunk = batch_size * g.size() * 4
     written = tokens = 0

@@ -4,6 +4,7 @@ come back as one JSON response or as server-sent events. No tensors here."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import time
 import uuid
@@ -39,6 +40,9 @@ class Api:
         self.check_key(request)
         declared = request.headers.get("content-length")
         if declared and declared.isdigit() and int(declared) > self.max_body_bytes:
+            if int(declared) <= 64 * self.max_body_bytes:  # read and drop it, so the client sees the answer and no
+                async for _ in request.stream():  # reset mid-send; anything larger is cut off at once
+                    pass
             raise ApiError(413, f"the request body is {declared} bytes, more than this server's limit of "
                            f"{self.max_body_bytes}")
         raw = b""
@@ -60,8 +64,12 @@ class Api:
                            "shorten it", "messages", "context_length_exceeded")
         queue: asyncio.Queue = asyncio.Queue()
         loop = asyncio.get_running_loop()
-        job = Job(ids, settings, min(settings.max_tokens or room, room),
-                  emit=lambda event: loop.call_soon_threadsafe(queue.put_nowait, event))
+
+        def emit(event: tuple) -> None:  # from the scheduler thread
+            with contextlib.suppress(RuntimeError):  # the loop closed: the client is gone anyway
+                loop.call_soon_threadsafe(queue.put_nowait, event)
+
+        job = Job(ids, settings, min(settings.max_tokens or room, room), emit=emit)
         self.scheduler.submit(job)
         return job, queue
 
@@ -178,6 +186,11 @@ def create_app(api: Api) -> Starlette:
     async def not_found(request: Request, exc: HTTPException) -> Response:
         return _error(ApiError(exc.status_code, f"{request.method} {request.url.path}: {exc.detail}"))
 
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        yield
+        api.scheduler.stop()  # at shutdown, while the event loop still runs to deliver the last events
+
     routes = [Route("/v1/chat/completions", chat, methods=["POST"]), Route("/v1/completions", completions,
               methods=["POST"]), Route("/v1/models", models, methods=["GET"]), Route("/health", health)]
-    return Starlette(routes=routes, exception_handlers={HTTPException: not_found})
+    return Starlette(routes=routes, exception_handlers={HTTPException: not_found}, lifespan=lifespan)

@@ -25,7 +25,7 @@ from .params import ApiError, Settings
 from .prefix_cache import PrefixCache
 
 log = logging.getLogger("mlx_openelm.server")
-PREFILL_CHUNK = 256  # prompt tokens prefilled between two decode steps: a long prompt never stalls the others
+PREFILL_CHUNK = 256  # prompt tokens prefilled between two decode steps
 
 
 @dataclass(eq=False)
@@ -60,6 +60,7 @@ class Scheduler:
         self.draft_model, self.num_draft_tokens = draft_model, num_draft_tokens
         self.prefixes = PrefixCache(prompt_cache_bytes)
         self._waiting: collections.deque[Job] = collections.deque()
+        self._active = 0  # jobs admitted and not finished (prefilling or decoding)
         self._wake = threading.Condition()
         self._stopping = False
         self._ids = itertools.count(1)
@@ -67,23 +68,21 @@ class Scheduler:
         self._thread.start()
 
     def submit(self, job: Job) -> None:
-        """Queue ``job``; raises ``ApiError(503)`` when the queue is full."""
+        """Queue ``job``; raises ``ApiError(503)`` when the batch is full and ``max_queue`` requests already wait."""
         with self._wake:
             if self._stopping:
                 raise ApiError(503, "the server is shutting down", kind="server_error", code="shutting_down")
-            if len(self._waiting) >= self.max_queue:
-                raise ApiError(503, f"the server is busy ({self.max_queue} requests waiting): retry later",
-                               kind="server_error", code="queue_full")
+            if len(self._waiting) >= self.max_queue + max(0, self.max_batch - self._active):
+                raise ApiError(503, f"the server is busy ({self.max_batch} requests decoding, {self.max_queue} "
+                               "waiting): retry later", kind="server_error", code="queue_full")
             job.id = job.id or f"req-{next(self._ids)}"
             self._waiting.append(job)
             self._wake.notify()
 
     def stop(self, timeout: float = 10.0) -> None:
-        """Cancel what is queued or running and stop the thread."""
+        """Cancel what is queued or running and stop the thread (their clients get a 503 error event)."""
         with self._wake:
             self._stopping = True
-            for job in self._waiting:
-                job.cancel()
             self._wake.notify()
         self._thread.join(timeout)
         if self._thread.is_alive():
@@ -92,77 +91,106 @@ class Scheduler:
     # --- the thread -------------------------------------------------------------------------------------------
 
     def _run(self) -> None:
-        batch = BatchDecoder(self.model)
-        prefilling: list[tuple[Job, Prefill]] = []
-        running: dict[int, Job] = {}  # id(row) -> job
-        last_batch: tuple = ()
+        self.batch = BatchDecoder(self.model)
+        self.prefilling: list[tuple[Job, Prefill]] = []
+        self.running: dict[int, Job] = {}  # id(row) -> job
+        self._last_batch: tuple = ()
         while True:
             with self._wake:
-                while not (self._stopping or self._waiting or prefilling or running):
+                while not (self._stopping or self._waiting or self.prefilling or self.running):
                     self._wake.wait()
                 if self._stopping:
                     break
                 admitted = []
-                while self._waiting and len(prefilling) + len(running) + len(admitted) < self.max_batch:
+                while self._waiting and self._active + len(admitted) < self.max_batch:
                     admitted.append(self._waiting.popleft())
+                self._active += len(admitted)
             for job in admitted:
-                if job.cancelled:
-                    continue
-                if self.draft_model is not None:
-                    self._run_speculative(job)
-                    continue
                 try:
-                    prefix = self.prefixes.lookup(job.ids)
-                    job.reused = 0 if prefix is None else prefix[0][0].shape[2]
-                    prefilling.append((job, batch.prefill(job.ids, job.budget, prefix)))
+                    self._admit(job)
                 except Exception as e:  # noqa: BLE001 - one bad request must not stop the others
-                    job.emit(("error", ApiError(500, f"prefill failed: {e}", kind="server_error")))
-            if prefilling:  # one chunk per iteration, between decode steps
-                job, pre = prefilling[0]
-                try:
-                    if not job.cancelled:
-                        pre.advance(PREFILL_CHUNK)
-                    if job.cancelled or not pre.remaining:
-                        prefilling.pop(0)
-                    if not job.cancelled and not pre.remaining:
-                        s = job.settings
-                        row = batch.join(pre, make_sampler(s.temperature, s.top_p, s.top_k, s.min_p, s.seed),
-                                         make_logits_processors(s.repetition_penalty), tag=job)
-                        running[id(row)] = job
-                except Exception as e:  # noqa: BLE001 - one bad request must not stop the others
-                    prefilling.pop(0)
-                    job.emit(("error", ApiError(500, f"prefill failed: {e}", kind="server_error")))
-            if not running:
-                continue
-            gone = [row for row in batch.rows if row.tag.cancelled]
-            if gone:
-                batch.leave(gone)
-                for row in gone:
-                    running.pop(id(row))
-                    log.info("%s cancelled after %d tokens", row.tag.id, row.tag.text.kept if row.tag.text else 0)
-            if not batch.rows:
-                continue
-            composition = tuple(r.tag.id for r in batch.rows)
-            if composition != last_batch:
-                log.info("decode batch of %d: %s", len(composition), " ".join(composition))
-                last_batch = composition
-            tokens = batch.step()
-            done = []
-            for row, token in zip(list(batch.rows), tokens):
-                job = row.tag
-                job.widest_batch = max(job.widest_batch, len(batch.rows))
-                if self._token(job, token):
-                    done.append(row)
-            if done:
-                for row in done:
-                    self.prefixes.store(row.history, batch.row_cache(row, row.position))
-                    running.pop(id(row))
-                batch.leave(done)
+                    log.exception("%s failed", job.id)
+                    job.emit(("error", ApiError(500, f"generation failed ({type(e).__name__}: {e})",
+                                                kind="server_error")))
+                    self._done()
+            try:
+                self._prefill_chunk()
+                self._decode_step()
+            except Exception as e:  # noqa: BLE001 - the server stays up: every job in flight gets the error
+                log.exception("decoding failed")
+                self._fail_all(ApiError(500, f"decoding failed ({type(e).__name__}: {e})", kind="server_error"))
+                self.batch = BatchDecoder(self.model)
+        with self._wake:
+            waiting, self._waiting = list(self._waiting), collections.deque()
+        self._fail_all(ApiError(503, "the server shut down", kind="server_error", code="shutting_down"), waiting)
         mx.synchronize(generation_stream())  # nothing of this thread's may still run while the process exits
-        for job, _ in prefilling:
-            job.emit(("error", ApiError(503, "the server shut down", kind="server_error", code="shutting_down")))
-        for job in running.values():
-            job.emit(("error", ApiError(503, "the server shut down", kind="server_error", code="shutting_down")))
+
+    def _fail_all(self, error: ApiError, extra: list[Job] = ()) -> None:
+        for job in [*extra, *(j for j, _ in self.prefilling), *self.running.values()]:
+            job.emit(("error", error))
+        self.prefilling, self.running = [], {}
+        with self._wake:
+            self._active = 0
+
+    def _done(self, n: int = 1) -> None:
+        with self._wake:
+            self._active -= n
+
+    def _admit(self, job: Job) -> None:
+        if job.cancelled:
+            return self._done()
+        if self.draft_model is not None:
+            self._run_speculative(job)
+            return self._done()
+        prefix = self.prefixes.lookup(job.ids)
+        job.reused = 0 if prefix is None else prefix[0][0].shape[2]
+        self.prefilling.append((job, self.batch.prefill(job.ids, job.budget, prefix)))
+        return None
+
+    def _prefill_chunk(self) -> None:
+        # One chunk per iteration, between decode steps: a long prompt never stalls the running requests.
+        if not self.prefilling:
+            return
+        job, pre = self.prefilling[0]
+        if not job.cancelled:
+            pre.advance(PREFILL_CHUNK)
+        if job.cancelled or not pre.remaining:
+            self.prefilling.pop(0)
+        if job.cancelled:
+            self._done()
+        elif not pre.remaining:
+            s = job.settings
+            row = self.batch.join(pre, make_sampler(s.temperature, s.top_p, s.top_k, s.min_p, s.seed),
+                                  make_logits_processors(s.repetition_penalty), tag=job)
+            self.running[id(row)] = job
+
+    def _decode_step(self) -> None:
+        batch = self.batch
+        gone = [row for row in batch.rows if row.tag.cancelled]
+        if gone:
+            self._leave(gone)
+            for row in gone:
+                log.info("%s cancelled after %d tokens", row.tag.id, row.tag.text.kept if row.tag.text else 0)
+        if not batch.rows:
+            return
+        composition = tuple(r.tag.id for r in batch.rows)
+        if composition != self._last_batch:
+            log.info("decode batch of %d: %s", len(composition), " ".join(composition))
+            self._last_batch = composition
+        done = []
+        for row, token in zip(list(batch.rows), batch.step()):
+            row.tag.widest_batch = max(row.tag.widest_batch, len(batch.rows))
+            if self._token(row.tag, token):
+                done.append(row)
+        for row in done:
+            self.prefixes.store(row.history, batch.row_cache(row, row.position))
+        self._leave(done)
+
+    def _leave(self, rows: list) -> None:
+        self.batch.leave(rows)
+        for row in rows:
+            self.running.pop(id(row))
+        self._done(len(rows))
 
     def _token(self, job: Job, token: int) -> bool:
         """Turn one generated token into events; True when the job is finished."""
