@@ -101,7 +101,7 @@ def measure(configs: dict, prompts: list[tuple[mx.array, int]], rounds: int) -> 
                    "same_tokens_as_plain": tokens[name] == plain} for name in configs}
 
 
-def configs_for(target, draft, theirs, theirs_draft, k: int, lookup: int, lookup_k: int) -> dict:
+def configs_for(target, draft, theirs, theirs_draft, k: int, lookup: int, lookup_ks: tuple[int, ...]) -> dict:
     def ours(spec):
         def run(prompt, n):
             t = time_generation(target, prompt, n, speculative=spec)
@@ -127,7 +127,8 @@ def configs_for(target, draft, theirs, theirs_draft, k: int, lookup: int, lookup
     return {
         "plain": ours(None),
         f"draft model, K={k}": ours({"draft_model": draft, "num_draft_tokens": k}),
-        f"prompt lookup n={lookup}, K={lookup_k}": ours({"prompt_lookup": lookup, "num_draft_tokens": lookup_k}),
+        **{f"prompt lookup n={lookup}, K={lk}": ours({"prompt_lookup": lookup, "num_draft_tokens": lk})
+           for lk in lookup_ks},
         "mlx-lm plain": mlx_lm(plain_step),
         f"mlx-lm draft model, K={k}": mlx_lm(lambda stats: mlx_lm_spec_step(theirs_draft, k, stats)),
     }
@@ -173,7 +174,7 @@ def main(argv: list[str] | None = None) -> int:
                    for n in ("target", "draft")}
         (target, tok), (draft, _) = load(folders["target"]), load(folders["draft"])
         theirs, theirs_draft = mlx_lm_load_model(folders["target"])[0], mlx_lm_load_model(folders["draft"])[0]
-        configs = configs_for(target, draft, theirs, theirs_draft, k=3, lookup=3, lookup_k=8)
+        configs = configs_for(target, draft, theirs, theirs_draft, k=3, lookup=3, lookup_ks=(4, 8))
         record["standins"] = {}
         for task, prompts in tasks(tok, args.files).items():
             record["standins"][task] = measure(configs, prompts, args.rounds)
@@ -188,7 +189,7 @@ def main(argv: list[str] | None = None) -> int:
                 "group_size": 64, "bits": 4, "mode": "affine"}}))[0]
             prompts = [(mx.random.randint(0, 32000, (32,), key=mx.random.key(i)).astype(mx.uint32), 48)
                        for i in range(2)]
-            big_configs = configs_for(big, q4, their_big, their_q4, k=3, lookup=3, lookup_k=8)
+            big_configs = configs_for(big, q4, their_big, their_q4, k=3, lookup=3, lookup_ks=(8,))
             record["270m_random"] = measure(big_configs, prompts, 1)
             print("270M", record["270m_random"], flush=True)
             record["verify_cost_270m"] = verify_cost(big)

@@ -14,26 +14,23 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import tempfile
 import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-OPENBLAS = "/usr/lib/x86_64-linux-gnu/openblas-pthread/libopenblas.so.0"
-if __name__ == "__main__" and "--no-openblas" not in sys.argv and Path(OPENBLAS).is_file() \
-        and OPENBLAS not in os.environ.get("LD_PRELOAD", ""):
-    os.environ["LD_PRELOAD"] = f"{OPENBLAS} {os.environ.get('LD_PRELOAD', '')}".strip()
-    os.execv(sys.executable, [sys.executable, *sys.argv])
-
-import mlx.core as mx  # noqa: E402
-
 sys.path.insert(0, str(HERE))
+import openblas  # noqa: E402
+
+if __name__ == "__main__":
+    openblas.preload()  # before MLX loads
+
 import corpus  # noqa: E402
+import mlx.core as mx  # noqa: E402
+from mlx_openelm.convert import convert  # noqa: E402
 
 from mlx_openelm import generate, load, random_model, save  # noqa: E402
-from mlx_openelm.convert import convert  # noqa: E402
 from mlx_openelm.fileio import atomic_write  # noqa: E402
 from mlx_openelm.jobs.perplexity import perplexity  # noqa: E402
 
@@ -73,7 +70,8 @@ def main(argv: list[str] | None = None) -> int:
         log(f"note: this Python's standard library gives corpus {info['sha256'][:12]}..., not the recorded "
             f"{recorded['sha256'][:12]}...: the figures below are this corpus's own")
     out: dict = {"corpus": {k: v for k, v in info.items() if k != "python_stdlib"}, "seq_len": SEQ_LEN,
-                 "stride": STRIDE, "python": sys.version.split()[0], "blas": os.environ.get("LD_PRELOAD") or "mlx"}
+                 "stride": STRIDE, "python": sys.version.split()[0],
+                 "blas": "openblas" if openblas.active() else "mlx reference"}
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         data = corpus.write_documents(held, tmp / "held-out")

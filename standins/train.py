@@ -31,18 +31,18 @@ from dataclasses import dataclass
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-OPENBLAS = "/usr/lib/x86_64-linux-gnu/openblas-pthread/libopenblas.so.0"
-if __name__ == "__main__" and "--no-openblas" not in sys.argv and Path(OPENBLAS).is_file() \
-        and OPENBLAS not in os.environ.get("LD_PRELOAD", ""):
-    os.environ["LD_PRELOAD"] = f"{OPENBLAS} {os.environ.get('LD_PRELOAD', '')}".strip()
-    os.execv(sys.executable, [sys.executable, *sys.argv])
+sys.path.insert(0, str(HERE))
+import openblas  # noqa: E402
+
+if __name__ == "__main__":
+    openblas.preload()  # before MLX loads
 
 import mlx.core as mx  # noqa: E402
 import mlx.nn as nn  # noqa: E402
 import mlx.optimizers as optim  # noqa: E402
 import numpy as np  # noqa: E402
 
-sys.path[:0] = [str(HERE), str(HERE.parent / "tests")]
+sys.path.insert(0, str(HERE.parent / "tests"))
 import corpus  # noqa: E402
 from hf_checkpoint import apple_config  # noqa: E402
 from spm_util import train_spm  # noqa: E402
@@ -82,9 +82,9 @@ class Recipe:
 
 
 RECIPES = {
-    "target": Recipe("openelm-stdlib-target", layers=8, model_dim=256, head_dim=32, steps=480, batch=16, lr=3e-3,
+    "target": Recipe("openelm-stdlib-target", layers=8, model_dim=256, head_dim=32, steps=180, batch=16, lr=3e-3,
                      seed=0),
-    "draft": Recipe("openelm-stdlib-draft", layers=4, model_dim=128, head_dim=32, steps=400, batch=16, lr=4e-3,
+    "draft": Recipe("openelm-stdlib-draft", layers=4, model_dim=128, head_dim=32, steps=240, batch=16, lr=4e-3,
                     seed=1),
 }
 
@@ -244,8 +244,7 @@ def main(argv: list[str] | None = None) -> int:
             recipe = Recipe(**{**recipe.__dict__, "steps": args.steps})
         model, rec = train(recipe, tok, stream, held, train_docs, log)
         export(model, recipe.args(), tokenizer_model, args.out / recipe.name)
-        record[key] = {"name": recipe.name, **rec, "blas": "openblas" if OPENBLAS in os.environ.get("LD_PRELOAD", "")
-                       else "mlx reference"}
+        record[key] = {"name": recipe.name, **rec, "blas": "openblas" if openblas.active() else "mlx reference"}
         atomic_write(record_path, json.dumps(record, indent=2) + "\n")
         log(f"wrote {args.out / recipe.name}")
     return 0
