@@ -25,6 +25,7 @@ from pathlib import Path
 from mlx_openelm import random_model, save
 from mlx_openelm.bench import write_json
 from mlx_openelm.device import device_info
+from mlx_openelm.tokenizer_fetch import ensure_tokenizer
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "benchmarks" / "results"
@@ -79,11 +80,9 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         folder = save(random_model("OpenELM-270M", dtype="bfloat16"), tmp / "model")
-        # Both need a tokenizer: the stand-ins' SentencePiece model encodes the prompt (ids < 32000 all the same).
-        (folder / "tokenizer.model").write_bytes((REPO / "standins/openelm-stdlib-target/tokenizer.model").read_bytes())
-        from mlx_openelm.tokenizer_fetch import ensure_tokenizer
-
-        ensure_tokenizer(folder, source_dir=folder)  # tokenizer.json for mlx_lm.server
+        # Both servers need OpenELM's own tokenizer (32000 pieces, every id the model can emit): Meta's file as
+        # `convert` gets it (the user cache, else rebuilt from a public package), with tokenizer.json for mlx-lm.
+        ensure_tokenizer(folder)
         ours_port, theirs_port = free_port(), free_port()
         servers = {
             "mlx-openelm": (start([str(BIN / "mlx-openelm"), "serve", "-m", str(folder), "--port", str(ours_port),

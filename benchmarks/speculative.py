@@ -1,7 +1,7 @@
 """Speculative decoding, measured: plain greedy decoding, a draft model and prompt lookup through this project's
 compiled step, against mlx-lm's speculative decoding on the same weights, alternating in one run.
 
-1. The trained stand-ins (``standins/``: a 5.8M target and its 1.2M draft, same tokenizer), on two tasks over
+1. The trained stand-ins (``standins/``: a 5.8M target and its 1.1M draft, same tokenizer), on two tasks over
    held-out standard-library code: free continuation (the first lines of a file, then 96 tokens), and an
    input-grounded one (a stretch of a file, then "# The same code again, with A renamed to B:", which the target
    answers by copying the stretch with the change).
@@ -181,7 +181,7 @@ def main(argv: list[str] | None = None) -> int:
             print(task, record["standins"][task], flush=True)
         if not args.skip_270m:
             big = random_model("OpenELM-270M", dtype="bfloat16")
-            q4 = random_model("OpenELM-270M", dtype="bfloat16")
+            q4 = random_model("OpenELM-270M", dtype="bfloat16")  # same seed: the same weights, then 4-bit
             nn.quantize(q4, group_size=64, bits=4)
             mx.eval(q4.parameters())
             their_big = mlx_lm_load_model(save(big, tmp / "270m"))[0]

@@ -41,6 +41,8 @@ class TurnStats:
     generation_tps: float
     finish_reason: str  # "stop" (end of sequence), "length" (max tokens or context full), "interrupted"
     peak_memory: float  # GB
+    acceptance_rate: float | None = None  # speculative decoding: drafted tokens accepted, and tokens per target pass
+    tokens_per_pass: float | None = None
 
     @property
     def reused(self) -> int:
@@ -162,6 +164,8 @@ class ChatSession:
                 generation_tps=last.generation_tps if last else 0.0,
                 finish_reason=(last and last.finish_reason) or "interrupted",
                 peak_memory=last.peak_memory if last else 0.0,
+                acceptance_rate=last.acceptance_rate if last else None,
+                tokens_per_pass=last.tokens_per_pass if last else None,
             )
 
     def save(self, path: str | Path) -> Path:

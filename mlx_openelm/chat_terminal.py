@@ -125,10 +125,12 @@ def _stream(session: ChatSession, text: str, verbose: bool, reply_options: dict[
 
 def format_stats(turn: TurnStats) -> str:
     """The ``--verbose`` line of a turn."""
+    speculative = "" if turn.acceptance_rate is None else (
+        f", {100 * turn.acceptance_rate:.0f}% of drafted tokens accepted, {turn.tokens_per_pass:.2f} tokens per pass")
     return (
         f"[prefilled {turn.prefilled} of {turn.prompt_tokens} prompt tokens ({turn.reused} from cache) at "
         f"{turn.prompt_tps:.1f} tok/s; generated {turn.generation_tokens} tokens at {turn.generation_tps:.1f} tok/s "
-        f"({turn.finish_reason}); peak memory {turn.peak_memory:.3f} GB]"
+        f"({turn.finish_reason}){speculative}; peak memory {turn.peak_memory:.3f} GB]"
     )
 
 

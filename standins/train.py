@@ -2,7 +2,7 @@
 Apple publishes checkpoints: ``config.json`` + ``model.safetensors`` (HF tensor names, bfloat16) + the
 ``tokenizer.model`` trained here.
 
-    python standins/train.py                      # tokenizer, target, draft (about 3.5 hours on a 2-core CPU)
+    python standins/train.py                      # tokenizer, target, draft (about 80 minutes on a 2-core CPU)
     python standins/train.py --only draft         # one model, reusing the tokenizer in the output folder
 
 The corpus is built at run time (``standins/corpus.py``); the held-out split is never trained on. Samples are
@@ -84,7 +84,7 @@ class Recipe:
 RECIPES = {
     "target": Recipe("openelm-stdlib-target", layers=8, model_dim=256, head_dim=32, steps=180, batch=16, lr=3e-3,
                      seed=0),
-    "draft": Recipe("openelm-stdlib-draft", layers=4, model_dim=128, head_dim=32, steps=240, batch=16, lr=4e-3,
+    "draft": Recipe("openelm-stdlib-draft", layers=4, model_dim=128, head_dim=16, steps=240, batch=16, lr=4e-3,
                     seed=1),
 }
 
@@ -225,6 +225,10 @@ def main(argv: list[str] | None = None) -> int:
         f"{info['held_out']['documents']} held out; BLAS preload: {os.environ.get('LD_PRELOAD') or 'none'}")
     record_path = args.out / "train_record.json"
     record = json.loads(record_path.read_text()) if record_path.is_file() else {}
+    recorded = record.get("corpus", {}).get("sha256")
+    if recorded and recorded != info["sha256"]:
+        log(f"note: this Python's standard library gives corpus {info['sha256'][:12]}..., not the recorded "
+            f"{recorded[:12]}...: the models and figures made now are this corpus's own")
     tokenizer_model = args.out / "tokenizer.model"
     existing = args.out / RECIPES["target"].name / "tokenizer.model"
     if args.only and existing.is_file():

@@ -173,6 +173,11 @@ def _(w, m, o):
     return ["generate", "-m", str(m), "-p", "hi", "--draft-model", str(o)], m
 
 
+@case("serve: draft with another vocabulary", "vocabulary of")
+def _(w, m, o):
+    return ["serve", "-m", str(m), "--draft-model", str(o), "--port", "0"], m
+
+
 @case("draft and lookup together", "not both")
 def _(w, m, o):
     return ["generate", "-m", str(m), "-p", "hi", "--draft-model", str(m), "--prompt-lookup", "2"], m

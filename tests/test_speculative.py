@@ -203,5 +203,11 @@ def test_chat_turns_decode_speculatively_with_the_same_replies(memorizer, spec):
     for message in (t.prompt, "And then?"):
         assert "".join(plain.reply(message, max_tokens=40)) == "".join(fast.reply(message, max_tokens=40))
         assert fast.tokens == plain.tokens
+    from mlx_openelm.chat_terminal import format_stats
+
+    # --verbose shows the speculative figures (a draft equal to the target accepts every drafted token)
+    assert plain.last_turn.acceptance_rate is None and "accepted" not in format_stats(plain.last_turn)
+    assert 0 < fast.last_turn.acceptance_rate <= 1 and fast.last_turn.tokens_per_pass >= 1
+    assert "of drafted tokens accepted" in format_stats(fast.last_turn)
     if spec.get("draft"):
         assert [c.offset for c in fast.draft_cache] == [c.offset for c in fast.cache] == [len(fast.tokens)] * 3

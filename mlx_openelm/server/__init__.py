@@ -32,13 +32,14 @@ def serve(model: str, *, host: str = "127.0.0.1", port: int = 8080, max_batch: i
     for name, value, low in (("--max-batch", max_batch, 1), ("--max-queue", max_queue, 0), ("--port", port, 0)):
         if value < low:
             raise ValueError(f"{name} must be >= {low}, got {value}")
-    net, tokenizer = load(model, chat_template=chat_template, adapter_path=adapter_path)
     draft = None
-    if draft_model is not None:
+    if draft_model is not None:  # the vocabularies are compared from both configs before any weights load
+        from ..hub import load_draft
         from ..speculative import check_draft
 
-        draft, _ = load(draft_model)
-        check_draft(net, draft, None, num_draft_tokens)
+        check_draft(None, None, None, num_draft_tokens)
+        draft = load_draft(draft_model, model)
+    net, tokenizer = load(model, chat_template=chat_template, adapter_path=adapter_path)
     logging.basicConfig(stream=sys.stderr, level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     scheduler = Scheduler(net, tokenizer, max_batch=max_batch, max_queue=max_queue,
                           prompt_cache_bytes=prompt_cache_bytes, draft_model=draft, num_draft_tokens=num_draft_tokens)
