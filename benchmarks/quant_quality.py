@@ -77,6 +77,13 @@ def logits(folder: Path, tokens: np.ndarray, dtype: str | None = None) -> np.nda
     return np.array(model(mx.array(tokens)).astype(mx.float32))
 
 
+def log_probs(model, ids: list[int], window: tuple[int, int, int]) -> np.ndarray:
+    """Float32 next-token log-probabilities at the positions a ``(start, end, first)`` window scores."""
+    start, end, first = window
+    logits = model(mx.array([ids[start : end - 1]])).astype(mx.float32)
+    return np.array(logits - mx.logsumexp(logits, axis=-1, keepdims=True))[0, first - start - 1 :]
+
+
 def standin_quantization(tokens: int) -> dict:
     """The quantization table on the stand-in target over the first ``tokens`` held-out tokens."""
     import corpus
@@ -93,15 +100,14 @@ def standin_quantization(tokens: int) -> dict:
         ids = [i for d in held for i in tok.encode(d.text)][:tokens]
         wins = windows(len(ids), WINDOW, WINDOW - 1)
         reference = load_model(base.path, dtype="float32")
+        refs = [log_probs(reference, ids, w) for w in wins]
         table = {}
         for name, kwargs in {"bfloat16": {}, **SETTINGS}.items():
             result = base if not kwargs else convert(STANDIN, work / name, tokenizer_rebuild=False, **kwargs)
             model = load_model(result.path, dtype="float32")
             nll = kl = agree = 0.0
-            for start, end, first in wins:
-                x = mx.array([ids[start : end - 1]])
-                lp = np.array(mx.log_softmax(model(x).astype(mx.float32), axis=-1))[0, first - start - 1 :]
-                ref = np.array(mx.log_softmax(reference(x).astype(mx.float32), axis=-1))[0, first - start - 1 :]
+            for (start, end, first), ref in zip(wins, refs):
+                lp = log_probs(model, ids, (start, end, first))
                 nll -= float(lp[np.arange(len(lp)), ids[first:end]].astype(np.float64).sum())
                 kl += float((np.exp(ref) * (ref - lp)).sum(-1).astype(np.float64).sum())
                 agree += float((ref.argmax(-1) == lp.argmax(-1)).sum())

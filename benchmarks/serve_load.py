@@ -18,6 +18,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.error
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -41,15 +42,22 @@ def free_port() -> int:
 def start(cmd: list[str], port: int, log: Path) -> subprocess.Popen:
     proc = subprocess.Popen(cmd, stdout=open(log, "w"), stderr=subprocess.STDOUT)
     deadline = time.monotonic() + 180
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"{cmd[0]} exited: {log.read_text()[-2000:]}")
-        try:
-            complete(port, 2)
-            return proc
-        except OSError:
-            time.sleep(0.5)
-    raise RuntimeError(f"{cmd[0]} did not start: {log.read_text()[-2000:]}")
+    try:
+        while time.monotonic() < deadline:
+            if proc.poll() is not None:
+                raise RuntimeError(f"{cmd[0]} exited: {log.read_text()[-2000:]}")
+            try:
+                complete(port, 2)
+                return proc
+            except urllib.error.HTTPError as e:  # up but failing: no point waiting
+                raise RuntimeError(f"{cmd[0]} answered {e.code}: {log.read_text()[-2000:]}") from None
+            except OSError:
+                time.sleep(0.5)
+        raise RuntimeError(f"{cmd[0]} did not start: {log.read_text()[-2000:]}")
+    except BaseException:
+        proc.kill()
+        proc.wait()
+        raise
 
 
 def complete(port: int, tokens: int) -> int:
@@ -84,16 +92,19 @@ def main(argv: list[str] | None = None) -> int:
         # `convert` gets it (the user cache, else rebuilt from a public package), with tokenizer.json for mlx-lm.
         ensure_tokenizer(folder)
         ours_port, theirs_port = free_port(), free_port()
-        servers = {
-            "mlx-openelm": (start([str(BIN / "mlx-openelm"), "serve", "-m", str(folder), "--port", str(ours_port),
-                                   "--max-batch", "8"], ours_port, tmp / "ours.log"), ours_port),
-            "mlx_lm.server": (start([str(BIN / "mlx_lm.server"), "--model", str(folder), "--port", str(theirs_port)],
-                                    theirs_port, tmp / "theirs.log"), theirs_port),
+        commands = {
+            "mlx-openelm": ([str(BIN / "mlx-openelm"), "serve", "-m", str(folder), "--port", str(ours_port),
+                             "--max-batch", "8"], ours_port),
+            "mlx_lm.server": ([str(BIN / "mlx_lm.server"), "--model", str(folder), "--port", str(theirs_port)],
+                              theirs_port),
         }
         record: dict = {"model": "random OpenELM-270M bfloat16", "tokens_per_request": args.tokens,
                         "requests_per_client": args.requests, "rounds": args.rounds, "device": device_info(),
                         "runs": {}}
+        servers: dict = {}
         try:
+            for name, (cmd, port) in commands.items():
+                servers[name] = (start(cmd, port, tmp / f"{name}.log"), port)
             for clients in (int(c) for c in args.clients.split(",")):
                 rates = {name: [] for name in servers}
                 for r in range(args.rounds):
