@@ -1,0 +1,116 @@
+"""Where a batched decode step's time goes at 270M size (a random OpenELM-270M, bfloat16), against mlx-lm's
+batched forward on the same weights, in one run:
+
+- ours: one step of the server's running batch (``BatchDecoder.step``: the compiled step, then each row's
+  token chosen);
+- ours, matmuls alone: every linear layer of that step (and the tied head) at the same batch, split across
+  the same lanes, all weights read once, nothing else;
+- mlx-lm: its model's forward over its own KV cache at the same batch, plus the argmax (no scheduling, no
+  padding: a lower bound on a step of ``mlx_lm.server``'s batch).
+
+mlx-lm's step over our matmuls alone bounds what any step-level work of ours can gain over it while both use
+MLX's CPU matmul for the weights. Trials alternate; the figures are medians.
+
+    python benchmarks/batch_step.py [--batches 1,8] [--steps 5] [--rounds 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import mlx.core as mx
+from mlx_lm.models.cache import make_prompt_cache
+from mlx_lm.utils import load_model as mlx_lm_load_model
+
+from mlx_openelm import cpu_kernels as ck
+from mlx_openelm import random_model, save
+from mlx_openelm.batch import BatchDecoder
+from mlx_openelm.bench import write_json
+from mlx_openelm.device import device_info
+
+RESULTS = Path(__file__).resolve().parents[1] / "benchmarks" / "results"
+PROMPT = [1, 450, 4996, 17354, 1701]
+
+
+def timed(run, steps: int) -> float:
+    """Median milliseconds of ``run()`` over ``steps`` calls, after two untimed ones."""
+    for _ in range(2):
+        run()
+    times = []
+    for _ in range(steps):
+        tic = time.perf_counter()
+        run()
+        times.append(time.perf_counter() - tic)
+    return 1e3 * statistics.median(times)
+
+
+def ours(model, batch: int):
+    decoder = BatchDecoder(model)
+    for i in range(batch):
+        pre = decoder.prefill(PROMPT[:-1] + [PROMPT[-1] + i], 256)
+        pre.advance(len(PROMPT))
+        decoder.join(pre)
+    return decoder.step
+
+
+def matmuls_alone(model, batch: int):
+    lanes = ck.cpu_lanes()
+    streams = ck.lane_streams(lanes)
+    t = model.transformer
+    mods = [t.token_embeddings] + [m for b in t.layers for m in (b.attn.qkv_proj, b.attn.out_proj, b.ffn.proj_1,
+                                                                 b.ffn.proj_2)]
+    work = []
+    for m in mods:
+        x = mx.random.normal((batch, 1, ck.arrays_of(m)[0].shape[1])).astype(mx.bfloat16)
+        work.append((x, ck.split_rows(m, lanes), ck.quant_of(m)))
+    mx.eval([x for x, _, _ in work])
+    return lambda: mx.eval([ck.linear(x, parts, quant, streams) for x, parts, quant in work])
+
+
+def theirs(model, batch: int):
+    cache = make_prompt_cache(model)
+    mx.eval(model(mx.array([PROMPT] * batch), cache=cache))
+    token = mx.array([[PROMPT[-1]]] * batch)
+    return lambda: mx.eval(mx.argmax(model(token, cache=cache)[:, -1], axis=-1))
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--batches", default="1,8")
+    p.add_argument("--steps", type=int, default=5, help="timed steps per trial")
+    p.add_argument("--rounds", type=int, default=3, help="alternating trials per configuration")
+    args = p.parse_args(argv)
+    model = random_model("OpenELM-270M", dtype="bfloat16")
+    with tempfile.TemporaryDirectory() as tmp:
+        their_model = mlx_lm_load_model(save(model, Path(tmp) / "model"))[0]
+    record: dict = {"model": "random OpenELM-270M bfloat16", "lanes": ck.cpu_lanes(), "device": device_info(),
+                    "batches": {}}
+    for batch in (int(b) for b in args.batches.split(",")):
+        runs = {"mlx-openelm step": ours(model, batch), "mlx-openelm matmuls alone": matmuls_alone(model, batch),
+                "mlx-lm step": theirs(their_model, batch)}
+        ms: dict[str, list[float]] = {name: [] for name in runs}
+        for r in range(args.rounds):
+            for name in list(runs)[:: 1 if r % 2 == 0 else -1]:
+                ms[name].append(timed(runs[name], args.steps))
+        med = {name: statistics.median(v) for name, v in ms.items()}
+        record["batches"][str(batch)] = {
+            "ms": ms, "median_ms": med,
+            "step_ratio": med["mlx-lm step"] / med["mlx-openelm step"],
+            "matmul_share_of_our_step": med["mlx-openelm matmuls alone"] / med["mlx-openelm step"],
+            "bound_on_ratio": med["mlx-lm step"] / med["mlx-openelm matmuls alone"],
+        }
+        b = record["batches"][str(batch)]
+        print(f"batch {batch}: ours {med['mlx-openelm step']:.1f} ms (matmuls alone "
+              f"{med['mlx-openelm matmuls alone']:.1f}, {100 * b['matmul_share_of_our_step']:.0f}%), mlx-lm "
+              f"{med['mlx-lm step']:.1f} ms; ratio {b['step_ratio']:.2f}, bound {b['bound_on_ratio']:.2f}", flush=True)
+    print(f"wrote {write_json(RESULTS / 'batch_step.json', record)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
