@@ -31,6 +31,7 @@ from mlx_openelm import cpu_kernels as ck
 from mlx_openelm import random_model, save
 from mlx_openelm.batch import BatchDecoder
 from mlx_openelm.bench import write_json
+from mlx_openelm.decode import plan_and_params
 from mlx_openelm.device import device_info
 
 RESULTS = Path(__file__).resolve().parents[1] / "benchmarks" / "results"
@@ -59,15 +60,15 @@ def ours(model, batch: int):
 
 
 def matmuls_alone(model, batch: int):
+    # The decode step's own weight inputs: each linear layer (and the head) already split across its lanes.
     lanes = ck.cpu_lanes()
     streams = ck.lane_streams(lanes)
-    t = model.transformer
-    mods = [t.token_embeddings] + [m for b in t.layers for m in (b.attn.qkv_proj, b.attn.out_proj, b.ffn.proj_1,
-                                                                 b.ffn.proj_2)]
-    work = []
-    for m in mods:
-        x = mx.random.normal((batch, 1, ck.arrays_of(m)[0].shape[1])).astype(mx.bfloat16)
-        work.append((x, ck.split_rows(m, lanes), ck.quant_of(m)))
+    plan, params = plan_and_params(model, lanes, "cpu")
+    weights = [(params["head"], plan.embed_quant)]
+    for lp, quants in zip(params["layers"], plan.quant):
+        weights += zip(lp["linears"], quants)
+    work = [(mx.random.normal((batch, 1, parts[0][0].shape[1])).astype(mx.bfloat16), parts, quant)
+            for parts, quant in weights]
     mx.eval([x for x, _, _ in work])
     return lambda: mx.eval([ck.linear(x, parts, quant, streams) for x, parts, quant in work])
 
