@@ -1,9 +1,10 @@
 """Continuous batching: independent sequences decoded together, each at its own position, through the compiled step.
 
 A sequence joins after its prompt has been prefilled into a one-row cache (in chunks, so the scheduler can
-interleave them with decode steps); joining appends its row to the batch's KV buffers, leaving removes it. The
-decode step itself is the one of ``decode.py`` with a position per row; a row never sees another row's keys
-(each attends to its own prefix), so a sequence decodes to the same tokens alone or in any batch.
+interleave them with decode steps; the prompts in flight are prefilled together, one pass for all); joining
+appends its row to the batch's KV buffers, leaving removes it. The decode step itself is the one of
+``decode.py`` with a position per row; a row never sees another row's keys (each attends to its own prefix), so
+a sequence decodes to the same tokens alone or in any batch.
 
 This module computes steps; who joins and when (queues, HTTP) is the server's scheduler's business.
 """
@@ -18,8 +19,7 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from . import cpu_kernels as ck
-from .cache import make_cache
-from .decode import DecodeStep, attention_window, plan_and_params, resolve_kernels, step_function
+from .decode import activation_dtype, attention_window, plan_and_params, resolve_kernels, step_function
 from .runner import generation_stream
 from .sample import LogitsProcessor, Sampler, greedy
 
@@ -41,30 +41,19 @@ class Row:
 
 
 class Prefill:
-    """A prompt being put into a one-row cache, a chunk at a time; :meth:`BatchDecoder.join` makes it a row."""
+    """A prompt being put into a one-row cache (:meth:`BatchDecoder.advance`, a chunk at a time, together with the
+    other prompts in flight); :meth:`BatchDecoder.join` makes it a row. ``keys``/``values``: one buffer per layer,
+    ``[1, kv_heads, capacity, head_dim]``, holding the first ``done_upto`` positions."""
 
-    def __init__(self, model: nn.Module, ids: Sequence[int], capacity: int, kernels: str, prefix: list | None = None):
-        self.ids, self.done_upto = list(ids), 0
-        self.cache = make_cache(model)
-        if prefix is not None:  # keys/values of the first positions, reused from an earlier conversation
-            for c, (k, v) in zip(self.cache, prefix):
-                c.keys, c.values, c.offset = k, v, k.shape[2]
-            self.done_upto = prefix[0][0].shape[2]
-        self.step = DecodeStep(model, self.cache, kernels=kernels)
-        self.step.reserve(capacity)
+    def __init__(self, ids: Sequence[int], capacity: int, keys: list[mx.array], values: list[mx.array],
+                 done_upto: int = 0):
+        self.ids, self.capacity, self.done_upto = list(ids), capacity, done_upto
+        self.keys, self.values = keys, values
 
     @property
     def remaining(self) -> int:
         """Prompt tokens still to prefill (all but the last, which the first decode step feeds)."""
         return len(self.ids) - 1 - self.done_upto
-
-    def advance(self, chunk: int) -> None:
-        """Prefill up to ``chunk`` more tokens."""
-        end = min(self.done_upto + chunk, len(self.ids) - 1)
-        if end > self.done_upto:
-            self.step.prefill(mx.array([self.ids[self.done_upto : end]]))
-            mx.eval([c.state for c in self.cache])
-            self.done_upto = end
 
 
 class BatchDecoder:
@@ -82,20 +71,51 @@ class BatchDecoder:
         self.values: list[mx.array] = []
         self.capacity = 0
         self.max_positions = max(model.args.max_context_length, model.args.rope_max_length)
+        self.head_dim = model.args.head_dim
+        self.dtype = activation_dtype(model)
 
     def prefill(self, ids: Sequence[int], max_tokens: int, prefix: list | None = None) -> Prefill:
-        """Start putting a prompt in (then :meth:`Prefill.advance` it, then :meth:`join`)."""
-        return Prefill(self.model, ids, len(ids) + max_tokens, self.kernels, prefix)
+        """Start putting a prompt in (then :meth:`advance` it, then :meth:`join`). ``prefix``: the keys and values
+        of its first positions, reused from an earlier conversation."""
+        capacity = _rounded(len(ids) + max_tokens)
+        if prefix is None:
+            keys = [mx.zeros((1, h, capacity, self.head_dim), self.dtype) for h in self.model.args.num_kv_heads]
+            return Prefill(ids, capacity, keys, [mx.zeros_like(k) for k in keys])
+        return Prefill(ids, capacity, [_padded(k, capacity) for k, _ in prefix],
+                       [_padded(v, capacity) for _, v in prefix], prefix[0][0].shape[2])
+
+    def advance(self, pres: Sequence[Prefill], chunk: int) -> None:
+        """Prefill up to ``chunk`` more tokens of each of ``pres`` in one forward pass (op by op: the lengths vary).
+        Rows are right-padded to the longest chunk: a padded position writes keys past its row's prompt, which no
+        position of that row attends to before its own decode step overwrites them."""
+        pres = [p for p in pres if p.remaining]
+        if not pres:
+            return
+        pieces = [p.ids[p.done_upto : p.done_upto + min(chunk, p.remaining)] for p in pres]
+        width = max(map(len, pieces))
+        end = max(p.done_upto + width for p in pres)
+        capacity = _rounded(max(end, *(p.capacity for p in pres)))
+        tokens = mx.array([piece + [0] * (width - len(piece)) for piece in pieces], dtype=mx.uint32)
+        start = mx.array([p.done_upto for p in pres], dtype=mx.int32)
+        keys = [mx.concatenate([_padded(p.keys[i], capacity) for p in pres]) for i in range(len(pres[0].keys))]
+        values = [mx.concatenate([_padded(p.values[i], capacity) for p in pres]) for i in range(len(pres[0].keys))]
+        with mx.stream(generation_stream()):
+            _, keys, values = self.fn.forward(tokens, start, attention_window(end, capacity), False, keys, values,
+                                              self.params)
+        mx.eval(keys, values)
+        for row, (p, piece) in enumerate(zip(pres, pieces)):
+            p.keys = [k[row : row + 1] for k in keys]
+            p.values = [v[row : row + 1] for v in values]
+            p.capacity, p.done_upto = capacity, p.done_upto + len(piece)
 
     def join(self, pre: Prefill, sampler: Sampler | None = None, processors: Sequence[LogitsProcessor] = (),
              tag: Any = None) -> Row:
         """Add a fully prefilled sequence as a row of the batch."""
         if pre.remaining:
             raise ValueError(f"{pre.remaining} prompt tokens are not prefilled yet")
-        need = -(-max(pre.cache[0].keys.shape[2], 1) // CAPACITY_STEP) * CAPACITY_STEP
-        self._grow(need)
-        for layer, c in enumerate(pre.cache):
-            k, v = _padded(c.keys, self.capacity), _padded(c.values, self.capacity)
+        self._grow(pre.done_upto + 1)
+        for layer, (k, v) in enumerate(zip(pre.keys, pre.values)):
+            k, v = _padded(k, self.capacity), _padded(v, self.capacity)
             if self.rows:
                 self.keys[layer] = mx.concatenate([self.keys[layer], k])
                 self.values[layer] = mx.concatenate([self.values[layer], v])
@@ -160,13 +180,17 @@ class BatchDecoder:
         return out
 
     def _grow(self, positions: int) -> None:
-        need = -(-positions // CAPACITY_STEP) * CAPACITY_STEP
+        need = _rounded(positions)
         if need <= self.capacity:
             return
         if self.rows:
             self.keys = [_padded(k, need) for k in self.keys]
             self.values = [_padded(v, need) for v in self.values]
         self.capacity = need
+
+
+def _rounded(positions: int) -> int:
+    return -(-max(positions, 1) // CAPACITY_STEP) * CAPACITY_STEP
 
 
 def _padded(x: mx.array, capacity: int) -> mx.array:

@@ -116,6 +116,12 @@ def plan_and_params(model: nn.Module, lanes: int, kernels: str) -> tuple[Plan, d
     return plan, params
 
 
+def activation_dtype(model: nn.Module) -> mx.Dtype:
+    """The dtype the model computes in (and its KV cache holds): its embedding's, or the scales' when quantized."""
+    emb = model.transformer.token_embeddings
+    return (emb.scales if isinstance(emb, ck.QUANTIZED) else emb.weight).dtype
+
+
 def _embed(tokens: mx.array, w: list[mx.array], quant: ck.Quant) -> mx.array:
     if not quant:
         return w[0][tokens]
@@ -208,8 +214,7 @@ class DecodeStep:
         self.compiled = compile
         self.fallback = False
         self.max_positions = max(model.args.max_context_length, model.args.rope_max_length)
-        emb = model.transformer.token_embeddings
-        self.dtype = (emb.scales if isinstance(emb, ck.QUANTIZED) else emb.weight).dtype
+        self.dtype = activation_dtype(model)
         self._checked: set[tuple] = set()
         self._pos: tuple[int, int, mx.array] | None = None  # (offset, batch, positions array) last used
 

@@ -122,11 +122,13 @@ def decode_items(model: Any, tokenizer: Any, items: list[Item], batch_size: int)
     waiting = deque(enumerate(items))
     results: list[dict | None] = [None] * len(items)
     while waiting or batch.rows:
-        while waiting and len(batch.rows) < batch_size:
+        joining = []
+        while waiting and len(batch.rows) + len(joining) < batch_size:
             i, item = waiting.popleft()
-            pre = batch.prefill(item.ids, item.budget)
-            while pre.remaining:
-                pre.advance(PREFILL_CHUNK)
+            joining.append((i, item, batch.prefill(item.ids, item.budget)))
+        while any(pre.remaining for *_, pre in joining):  # the new prompts prefilled together
+            batch.advance([pre for *_, pre in joining], max(64, PREFILL_CHUNK // len(joining)))
+        for i, item, pre in joining:
             o = item.options
             sampler = make_sampler(o["temperature"], o["top_p"], o["top_k"], o["min_p"], o.get("seed"))
             batch.join(pre, sampler, make_logits_processors(o.get("repetition_penalty")),

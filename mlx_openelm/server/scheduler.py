@@ -25,7 +25,7 @@ from .params import ApiError, Settings
 from .prefix_cache import PrefixCache
 
 log = logging.getLogger("mlx_openelm.server")
-PREFILL_CHUNK = 256  # prompt tokens prefilled between two decode steps
+PREFILL_CHUNK = 256  # prompt tokens prefilled between two decode steps (shared by the prompts in flight)
 
 
 @dataclass(eq=False)
@@ -148,21 +148,24 @@ class Scheduler:
         return None
 
     def _prefill_chunk(self) -> None:
-        # One chunk per iteration, between decode steps: a long prompt never stalls the running requests.
+        # One pass per iteration, between decode steps, for every prompt in flight (together they get about
+        # PREFILL_CHUNK tokens): a long prompt never stalls the running requests.
         if not self.prefilling:
             return
-        job, pre = self.prefilling[0]
-        if not job.cancelled:
-            pre.advance(PREFILL_CHUNK)
-        if job.cancelled or not pre.remaining:
-            self.prefilling.pop(0)
-        if job.cancelled:
-            self._done()
-        elif not pre.remaining:
-            s = job.settings
-            row = self.batch.join(pre, make_sampler(s.temperature, s.top_p, s.top_k, s.min_p, s.seed),
-                                  make_logits_processors(s.repetition_penalty), tag=job)
-            self.running[id(row)] = job
+        live = [pre for job, pre in self.prefilling if not job.cancelled]
+        self.batch.advance(live, max(32, PREFILL_CHUNK // max(1, len(live))))
+        still = []
+        for job, pre in self.prefilling:
+            if job.cancelled:
+                self._done()
+            elif pre.remaining:
+                still.append((job, pre))
+            else:
+                s = job.settings
+                row = self.batch.join(pre, make_sampler(s.temperature, s.top_p, s.top_k, s.min_p, s.seed),
+                                      make_logits_processors(s.repetition_penalty), tag=job)
+                self.running[id(row)] = job
+        self.prefilling = still
 
     def _decode_step(self) -> None:
         batch = self.batch
