@@ -14,6 +14,9 @@ Greedy throughout: every configuration yields the same tokens as plain decoding 
 block is one generation; blocks alternate their order round by round; the figures are medians.
 
     python benchmarks/speculative.py [--rounds 2] [--skip-270m]
+
+Results: ``benchmarks/results/speculative-standins.json`` (part 1) and ``speculative-270m.json`` (parts 2 and 3),
+each written as soon as its part is done (``--skip-270m`` leaves the second as it was).
 """
 
 from __future__ import annotations
@@ -167,7 +170,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--files", type=int, default=3, help="held-out files per task")
     p.add_argument("--skip-270m", action="store_true")
     args = p.parse_args(argv)
-    record: dict = {"device": device_info(), "rounds": args.rounds}
+    device = device_info()
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         folders = {n: convert(REPO / "standins" / f"openelm-stdlib-{n}", tmp / n, tokenizer_rebuild=False).path
@@ -175,10 +178,11 @@ def main(argv: list[str] | None = None) -> int:
         (target, tok), (draft, _) = load(folders["target"]), load(folders["draft"])
         theirs, theirs_draft = mlx_lm_load_model(folders["target"])[0], mlx_lm_load_model(folders["draft"])[0]
         configs = configs_for(target, draft, theirs, theirs_draft, k=3, lookup=3, lookup_ks=(4, 8))
-        record["standins"] = {}
+        record: dict = {"device": device, "rounds": args.rounds, "files_per_task": args.files}
         for task, prompts in tasks(tok, args.files).items():
-            record["standins"][task] = measure(configs, prompts, args.rounds)
-            print(task, record["standins"][task], flush=True)
+            record[task] = measure(configs, prompts, args.rounds)
+            print(task, record[task], flush=True)
+        print(f"wrote {write_json(RESULTS / 'speculative-standins.json', record)}")
         if not args.skip_270m:
             big = random_model("OpenELM-270M", dtype="bfloat16")
             q4 = random_model("OpenELM-270M", dtype="bfloat16")  # same seed: the same weights, then 4-bit
@@ -190,12 +194,11 @@ def main(argv: list[str] | None = None) -> int:
             prompts = [(mx.random.randint(0, 32000, (32,), key=mx.random.key(i)).astype(mx.uint32), 48)
                        for i in range(2)]
             big_configs = configs_for(big, q4, their_big, their_q4, k=3, lookup=3, lookup_ks=(8,))
-            record["270m_random"] = measure(big_configs, prompts, 1)
-            print("270M", record["270m_random"], flush=True)
-            record["verify_cost_270m"] = verify_cost(big)
-            print("verify cost", record["verify_cost_270m"], flush=True)
-    path = write_json(RESULTS / "speculative.json", record)
-    print(f"wrote {path}")
+            record = {"device": device, "rounds": 1, "random": measure(big_configs, prompts, 1)}
+            print("270M", record["random"], flush=True)
+            record["verify_cost"] = verify_cost(big)
+            print("verify cost", record["verify_cost"], flush=True)
+            print(f"wrote {write_json(RESULTS / 'speculative-270m.json', record)}")
     return 0
 
 

@@ -2,14 +2,18 @@
 Apple publishes checkpoints: ``config.json`` + ``model.safetensors`` (HF tensor names, bfloat16) + the
 ``tokenizer.model`` trained here.
 
-    python standins/train.py                      # tokenizer, target, draft (about 105 minutes on a 2-core CPU)
+    python standins/train.py                      # tokenizer, target, draft (about 140 minutes on a 2-core CPU)
     python standins/train.py --only draft         # one model, reusing the tokenizer in the output folder
+    python standins/train.py --only target --resume   # the recipe's stages not yet in train_record.json
+
+A recipe is a list of stages, each with its own steps, peak learning rate (warm-up, cosine decay) and share of
+editing exercises; ``--resume`` starts from the exported model and runs the stages its record does not list yet.
 
 The corpus is built at run time (``standins/corpus.py``); the held-out split is never trained on. Samples are
-512-token windows of the training stream (documents framed ``<s> text </s>``), and one in five is an editing
-exercise instead: a stretch of a training document, the line ``# The same code again, with A renamed to B:``,
-then that stretch with the identifier renamed. That teaches the copying the input-grounded speculative benchmark
-asks of the target (and is said in standins/README.md).
+512-token windows of the training stream (documents framed ``<s> text </s>``), and a stage's share of them (one
+in five by default) is an editing exercise instead: a stretch of a training document, the line
+``# The same code again, with A renamed to B:``, then that stretch with the identifier renamed. That teaches the
+copying the input-grounded speculative benchmark asks of the target (and is said in standins/README.md).
 
 Training is MLX on the CPU in float32. Its cost here is half element-wise work (softmax, SiLU; two data-parallel
 ranks under ``mlx.launch`` measured no faster than one process) and half matmuls, which are GEMM-bound: MLX's
@@ -27,7 +31,7 @@ import os
 import re
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
@@ -60,6 +64,15 @@ _IDENT = re.compile(r"\b[A-Za-z_][A-Za-z0-9_]{2,}\b")
 
 
 @dataclass(frozen=True)
+class Stage:
+    """A run of steps with one schedule: linear warm-up to ``lr``, cosine decay to ``lr / 10``."""
+
+    steps: int
+    lr: float
+    edit_share: float = EDIT_SHARE
+
+
+@dataclass(frozen=True)
 class Recipe:
     """A model's shape and its training schedule."""
 
@@ -67,9 +80,8 @@ class Recipe:
     layers: int
     model_dim: int
     head_dim: int
-    steps: int
+    stages: tuple[Stage, ...]
     batch: int
-    lr: float
     seed: int
 
     def args(self) -> ModelArgs:
@@ -82,10 +94,10 @@ class Recipe:
 
 
 RECIPES = {
-    "target": Recipe("openelm-stdlib-target", layers=8, model_dim=256, head_dim=32, steps=640, batch=4, lr=3e-3,
-                     seed=0),
-    "draft": Recipe("openelm-stdlib-draft", layers=4, model_dim=128, head_dim=16, steps=240, batch=16, lr=4e-3,
-                    seed=1),
+    "target": Recipe("openelm-stdlib-target", layers=8, model_dim=256, head_dim=32, batch=4, seed=0,
+                     stages=(Stage(640, 3e-3), Stage(400, 1e-3, edit_share=0.1))),
+    "draft": Recipe("openelm-stdlib-draft", layers=4, model_dim=128, head_dim=16, batch=16, seed=1,
+                    stages=(Stage(240, 4e-3),)),
 }
 
 
@@ -120,14 +132,15 @@ def edit_sample(tok: Tokenizer, docs: list[corpus.Document], rng: np.random.Gene
     return ids if len(ids) <= SEQ_LEN + 1 else None
 
 
-def batches(stream: np.ndarray, tok: Tokenizer, docs: list[corpus.Document], batch: int, seed: int):
-    """Endless ``(inputs, targets, mask)`` batches of ``SEQ_LEN`` tokens."""
+def batches(stream: np.ndarray, tok: Tokenizer, docs: list[corpus.Document], batch: int, seed: int,
+            edit_share: float):
+    """Endless ``(inputs, targets, mask)`` batches of ``SEQ_LEN`` tokens, ``edit_share`` of the rows exercises."""
     rng = np.random.default_rng(seed)
     while True:
         rows = np.zeros((batch, SEQ_LEN + 1), np.int32)
         mask = np.ones((batch, SEQ_LEN), np.float32)
         for r in range(batch):
-            sample = edit_sample(tok, docs, rng) if rng.random() < EDIT_SHARE else None
+            sample = edit_sample(tok, docs, rng) if rng.random() < edit_share else None
             if sample is None:
                 start = int(rng.integers(len(stream) - SEQ_LEN - 1))
                 rows[r] = stream[start : start + SEQ_LEN + 1]
@@ -161,59 +174,67 @@ def export(model: Model, args: ModelArgs, tokenizer_model: Path, out: Path) -> N
     atomic_write(out / "tokenizer.model", tokenizer_model.read_bytes())
 
 
-def train(recipe: Recipe, tok: Tokenizer, stream: np.ndarray, held: np.ndarray, docs: list[corpus.Document],
-          log) -> tuple[Model, dict]:
-    """Train one model with AdamW (warm-up, cosine decay, gradient clipping); returns it and its record."""
-    args = recipe.args()
-    mx.random.seed(recipe.seed)
-    model = Model(args)
-    n_params = sum(v.size for _, v in nn.utils.tree_flatten(model.parameters()))
-    warmup = max(1, recipe.steps // 20)
-    schedule = optim.join_schedules(
-        [optim.linear_schedule(recipe.lr / 20, recipe.lr, warmup),
-         optim.cosine_decay(recipe.lr, recipe.steps - warmup, recipe.lr / 10)], [warmup])
-    optimizer = optim.AdamW(learning_rate=schedule, weight_decay=0.05)
+def train(recipe: Recipe, model: Model, first_stage: int, tok: Tokenizer, stream: np.ndarray, held: np.ndarray,
+          docs: list[corpus.Document], log) -> list[dict]:
+    """Run the recipe's stages from ``first_stage`` on ``model`` with AdamW (gradient clipping; each stage its own
+    warm-up and cosine decay and a fresh optimizer); returns one record per stage run."""
 
     def loss_fn(m: Model, x: mx.array, y: mx.array, mask: mx.array) -> mx.array:
         return (nn.losses.cross_entropy(m(x), y) * mask).sum() / mask.sum()
 
     loss_and_grad = nn.value_and_grad(model, loss_fn)
-    state = [model.state, optimizer.state]
+    records = []
+    for index in range(first_stage, len(recipe.stages)):
+        stage = recipe.stages[index]
+        warmup = max(1, stage.steps // 20)
+        schedule = optim.join_schedules(
+            [optim.linear_schedule(stage.lr / 20, stage.lr, warmup),
+             optim.cosine_decay(stage.lr, stage.steps - warmup, stage.lr / 10)], [warmup])
+        optimizer = optim.AdamW(learning_rate=schedule, weight_decay=0.05)
+        state = [model.state, optimizer.state]
+        # The data seed moves with the stage, so a later stage does not replay an earlier one's samples.
+        data = batches(stream, tok, docs, recipe.batch, recipe.seed + 1000 * index, stage.edit_share)
+        start, losses = time.perf_counter(), []
+        log(f"{recipe.name} stage {index + 1}/{len(recipe.stages)}: {stage.steps} steps of {recipe.batch}x{SEQ_LEN} "
+            f"tokens, peak lr {stage.lr}, editing exercises {stage.edit_share:.0%}")
+        for n in range(1, stage.steps + 1):
+            # Not compiled: at 2048-8192 tokens a step, tracing saves nothing measurable.
+            loss, grads = loss_and_grad(model, *next(data))
+            grads, _ = optim.clip_grad_norm(grads, 1.0)
+            optimizer.update(model, grads)
+            mx.eval(state, loss)
+            losses.append(loss.item())
+            if n % 50 == 0 or n == stage.steps:
+                elapsed = time.perf_counter() - start
+                log(f"  step {n}/{stage.steps}  loss {np.mean(losses[-50:]):.3f}  {elapsed / n:.2f} s/step  "
+                    f"eta {elapsed / n * (stage.steps - n) / 60:.1f} min")
+        seconds = time.perf_counter() - start
+        held_loss = held_out_loss(model, held)
+        log(f"  held-out loss {held_loss:.3f} (perplexity {math.exp(held_loss):.2f}) after {seconds / 60:.1f} min")
+        records.append({
+            "steps": stage.steps, "lr": stage.lr, "edit_share": stage.edit_share,
+            "tokens_seen": stage.steps * recipe.batch * SEQ_LEN, "seconds": round(seconds, 1),
+            "final_train_loss": float(np.mean(losses[-50:])), "held_out_loss_first_8_windows": held_loss,
+            "blas": "openblas" if openblas.active() else "mlx reference",
+        })
+    return records
 
-    def step(x: mx.array, y: mx.array, mask: mx.array) -> mx.array:
-        # Not compiled: at 8192 tokens a step, tracing saves nothing measurable.
-        loss, grads = loss_and_grad(model, x, y, mask)
-        grads, _ = optim.clip_grad_norm(grads, 1.0)
-        optimizer.update(model, grads)
-        return loss
 
-    data = batches(stream, tok, docs, recipe.batch, recipe.seed)
-    start, losses = time.perf_counter(), []
-    log(f"{recipe.name}: {n_params / 1e6:.2f}M parameters, {recipe.steps} steps of {recipe.batch}x{SEQ_LEN} tokens")
-    for n in range(1, recipe.steps + 1):
-        loss = step(*next(data))
-        mx.eval(state, loss)
-        losses.append(loss.item())
-        if n % 50 == 0 or n == recipe.steps:
-            elapsed = time.perf_counter() - start
-            log(f"  step {n}/{recipe.steps}  loss {np.mean(losses[-50:]):.3f}  {elapsed / n:.2f} s/step  "
-                f"eta {elapsed / n * (recipe.steps - n) / 60:.1f} min")
-    seconds = time.perf_counter() - start
-    held_loss = held_out_loss(model, held)
-    log(f"  held-out loss {held_loss:.3f} (perplexity {math.exp(held_loss):.2f}) after {seconds / 60:.1f} min")
-    return model, {
-        "parameters": n_params, "steps": recipe.steps, "batch": recipe.batch, "seq_len": SEQ_LEN,
-        "tokens_seen": recipe.steps * recipe.batch * SEQ_LEN, "lr": recipe.lr, "seed": recipe.seed,
-        "edit_share": EDIT_SHARE, "seconds": round(seconds, 1), "final_train_loss": float(np.mean(losses[-50:])),
-        "held_out_loss_first_8_windows": held_loss,
-    }
+def exported(folder: Path) -> Model:
+    """The model ``export`` wrote to ``folder``, in float32, to train further."""
+    args = ModelArgs.from_dict(json.loads((folder / "config.json").read_text()))
+    model = Model(args)
+    model.load_weights([(k, v.astype(mx.float32)) for k, v in mx.load(str(folder / "model.safetensors")).items()])
+    return model
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out", type=Path, default=HERE, help="folder for the model folders and train_record.json")
     p.add_argument("--only", choices=sorted(RECIPES), action="append", help="train only this model (repeatable)")
-    p.add_argument("--steps", type=int, help="override the recipes' step counts (for a quick try)")
+    p.add_argument("--steps", type=int, help="override every stage's step count (for a quick try)")
+    p.add_argument("--resume", action="store_true",
+                   help="start from the exported model and run only the stages train_record.json does not list")
     p.add_argument("--no-openblas", action="store_true", help="do not re-execute with OpenBLAS preloaded")
     args = p.parse_args(argv)
     log = lambda s: print(s, file=sys.stderr, flush=True)  # noqa: E731
@@ -245,12 +266,31 @@ def main(argv: list[str] | None = None) -> int:
     for key in args.only or list(RECIPES):
         recipe = RECIPES[key]
         if args.steps:
-            recipe = Recipe(**{**recipe.__dict__, "steps": args.steps})
-        model, rec = train(recipe, tok, stream, held, train_docs, log)
-        export(model, recipe.args(), tokenizer_model, args.out / recipe.name)
-        record[key] = {"name": recipe.name, **rec, "blas": "openblas" if openblas.active() else "mlx reference"}
+            recipe = replace(recipe, stages=tuple(replace(stage, steps=args.steps) for stage in recipe.stages))
+        folder = args.out / recipe.name
+        done = record.get(key, {}).get("stages", []) if args.resume else []
+        if [d["steps"] for d in done] != [stage.steps for stage in recipe.stages[: len(done)]]:
+            log(f"error: {record_path} lists stages of {[d['steps'] for d in done]} steps for {key}, which are not "
+                f"the recipe's first ones; retrain it without --resume")
+            return 2
+        if len(done) == len(recipe.stages):
+            log(f"{recipe.name}: all {len(done)} stages are done already")
+            continue
+        if done:
+            model = exported(folder)
+        else:
+            mx.random.seed(recipe.seed)
+            model = Model(recipe.args())
+        n_params = sum(v.size for _, v in nn.utils.tree_flatten(model.parameters()))
+        log(f"{recipe.name}: {n_params / 1e6:.2f}M parameters" + (f", resumed after stage {len(done)}" if done else ""))
+        stages = done + train(recipe, model, len(done), tok, stream, held, train_docs, log)
+        export(model, recipe.args(), tokenizer_model, folder)
+        record[key] = {"name": recipe.name, "parameters": n_params, "batch": recipe.batch, "seq_len": SEQ_LEN,
+                       "seed": recipe.seed, **{k: sum(st[k] for st in stages) for k in ("steps", "tokens_seen",
+                                                                                         "seconds")},
+                       "stages": stages}
         atomic_write(record_path, json.dumps(record, indent=2) + "\n")
-        log(f"wrote {args.out / recipe.name}")
+        log(f"wrote {folder}")
     return 0
 
 
