@@ -13,7 +13,7 @@ compiled step, against mlx-lm's speculative decoding on the same weights, altern
 Greedy throughout: every configuration yields the same tokens as plain decoding (checked here too). Each timed
 block is one generation; blocks alternate their order round by round; the figures are medians.
 
-    python benchmarks/speculative.py [--rounds 2] [--skip-270m]
+    python benchmarks/speculative.py [--rounds 4] [--skip-270m]
 
 Results: ``benchmarks/results/speculative-standins.json`` (part 1) and ``speculative-270m.json`` (parts 2 and 3),
 each written as soon as its part is done (``--skip-270m`` leaves the second as it was).
@@ -166,7 +166,8 @@ def verify_cost(model, lengths=(1, 2, 4, 6, 9), context: int = 128, reps: int = 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--rounds", type=int, default=2)
+    p.add_argument("--rounds", type=int, default=4,
+                   help="alternating rounds of the stand-in part (timings this small drift by about 10%%)")
     p.add_argument("--files", type=int, default=3, help="held-out files per task")
     p.add_argument("--skip-270m", action="store_true")
     args = p.parse_args(argv)
