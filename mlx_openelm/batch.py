@@ -113,7 +113,7 @@ class BatchDecoder:
         """Add a fully prefilled sequence as a row of the batch."""
         if pre.remaining:
             raise ValueError(f"{pre.remaining} prompt tokens are not prefilled yet")
-        self._grow(pre.done_upto + 1)
+        self._grow(pre.capacity)  # sized once for its prompt and budget, not grown step by step
         for layer, (k, v) in enumerate(zip(pre.keys, pre.values)):
             k, v = _padded(k, self.capacity), _padded(v, self.capacity)
             if self.rows:
