@@ -8,21 +8,25 @@ compiled step, against mlx-lm's speculative decoding on the same weights, altern
 2. A random OpenELM-270M (bfloat16) with its own 4-bit copy as the draft, on random prompt ids. Random weights
    repeat one token, so every draft is accepted: this part shows the cost structure at 270M size, not a gain a
    trained model would see.
-3. The verify cost at 270M: one compiled pass over K + 1 tokens against one single-token step.
+3. The verify cost at 270M: one compiled pass over K + 1 tokens, and the model's own uncompiled forward pass over
+   the same tokens (the prefill path speculative decoding started from), each against one compiled single-token
+   step, in the same run.
 
 Greedy throughout: every configuration yields the same tokens as plain decoding (checked here too). Each timed
 block is one generation; blocks alternate their order round by round; the figures are medians.
 
-    python benchmarks/speculative.py [--rounds 4] [--skip-270m]
+    python benchmarks/speculative.py [--rounds 4] [--parts standins,270m,verify]
 
-Results: ``benchmarks/results/speculative-standins.json`` (part 1) and ``speculative-270m.json`` (parts 2 and 3),
-each written as soon as its part is done (``--skip-270m`` leaves the second as it was).
+Results: ``benchmarks/results/speculative-standins.json``, ``speculative-270m.json`` and
+``speculative-verify-270m.json``, one a part, each written as soon as its part is done (a part not run leaves its
+file as it was).
 """
 
 from __future__ import annotations
 
 import argparse
 import functools
+import keyword
 import statistics
 import sys
 import tempfile
@@ -48,9 +52,10 @@ from mlx_openelm.device import device_info  # noqa: E402
 
 RESULTS = REPO / "benchmarks" / "results"
 EDIT = "\n# The same code again, with {old} renamed to {new}:\n"
-# The issue's figures for today's uncompiled prefill path on a random 270M bfloat16 model (cost of an L-token
-# pass over a 1-token step), to compare the compiled verify pass with.
+# The issue's figures for the uncompiled prefill path on a random 270M bfloat16 model (cost of an L-token pass over
+# a 1-token step, measured on another VM before the compiled verify pass existed), shown beside this run's own.
 UNCOMPILED = {2: 1.34, 4: 1.90, 6: 2.50, 9: 3.26}
+PARTS = ("standins", "270m", "verify")
 
 
 def mlx_lm_spec_step(draft, k, stats):
@@ -76,7 +81,7 @@ def tasks(tokenizer, files: int) -> dict[str, list[tuple[mx.array, int]]]:
         out["continuation"].append((mx.array(tokenizer.encode("".join(lines[:12]))), 96))
         chunk = "".join(lines[20:34])
         names = sorted({w for w in chunk.replace("(", " ").replace(".", " ").split() if w.isidentifier()
-                        and chunk.count(w) >= 2 and len(w) > 3})
+                        and not keyword.iskeyword(w) and chunk.count(w) >= 2 and len(w) > 3})
         old = names[0] if names else "self"
         ids = tokenizer.encode(chunk + EDIT.format(old=old, new=f"{old}_2"))
         out["input-grounded"].append((mx.array(ids), len(tokenizer.encode(chunk)) + 8))
@@ -138,30 +143,32 @@ def configs_for(target, draft, theirs, theirs_draft, k: int, lookup: int, lookup
 
 
 def verify_cost(model, lengths=(1, 2, 4, 6, 9), context: int = 128, reps: int = 5) -> dict:
-    """Seconds of a compiled pass over L tokens (at ``context`` cached tokens) over one single-token step."""
+    """Per L: a compiled pass over L tokens (at ``context`` cached tokens; L = 1 is the decode step) and the model's
+    own uncompiled forward pass over them (every position's logits, as verification needs), in ms and over one
+    compiled single-token step; the two passes alternate, rep by rep."""
     from mlx_openelm import make_cache
 
     cache = make_cache(model)
     step = DecodeStep(model, cache)
     step.prefill(mx.random.randint(0, model.args.vocab_size, (1, context)))
-    out = {}
+    times: dict[tuple[int, str], list[float]] = {}
     for n in lengths:
         tokens = mx.random.randint(0, model.args.vocab_size, (1, n)).astype(mx.uint32)
-        run = functools.partial(step if n == 1 else step.verify, tokens)
-        for _ in range(2):  # trace and warm up
-            mx.eval(run())
-            for c in cache:
-                c.trim(n)
-        best = []
-        for _ in range(reps):
-            tic = time.perf_counter()
-            mx.eval(run())
-            best.append(time.perf_counter() - tic)
-            for c in cache:
-                c.trim(n)
-        out[n] = statistics.median(best)
-    return {str(n): {"ms": 1e3 * s, "over_one_token": s / out[1], "uncompiled_prefill": UNCOMPILED.get(n)}
-            for n, s in out.items()}
+        runs = {"compiled": functools.partial(step if n == 1 else step.verify, tokens),
+                "uncompiled": functools.partial(model, tokens, cache=cache)}
+        for rep in range(2 + reps):  # two untimed reps: traces, allocations
+            for name, run in runs.items():
+                tic = time.perf_counter()
+                mx.eval(run())
+                if rep >= 2:
+                    times.setdefault((n, name), []).append(time.perf_counter() - tic)
+                for c in cache:
+                    c.trim(n)
+    ms = {key: 1e3 * statistics.median(t) for key, t in times.items()}
+    one = ms[1, "compiled"]
+    return {str(n): {"compiled_ms": ms[n, "compiled"], "compiled_over_one_token": ms[n, "compiled"] / one,
+                     "uncompiled_ms": ms[n, "uncompiled"], "uncompiled_over_one_token": ms[n, "uncompiled"] / one,
+                     "issue_uncompiled_over_one_token": UNCOMPILED.get(n)} for n in lengths}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -169,23 +176,28 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rounds", type=int, default=4,
                    help="alternating rounds of the stand-in part (timings this small drift by about 10%%)")
     p.add_argument("--files", type=int, default=3, help="held-out files per task")
-    p.add_argument("--skip-270m", action="store_true")
+    p.add_argument("--parts", default=",".join(PARTS), help=f"which parts to run, comma-separated: {', '.join(PARTS)}")
     args = p.parse_args(argv)
+    parts = args.parts.split(",")
+    if not parts or set(parts) - set(PARTS):
+        p.error(f"--parts takes a comma-separated choice of {', '.join(PARTS)}, got {args.parts!r}")
     device = device_info()
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        folders = {n: convert(REPO / "standins" / f"openelm-stdlib-{n}", tmp / n, tokenizer_rebuild=False).path
-                   for n in ("target", "draft")}
-        (target, tok), (draft, _) = load(folders["target"]), load(folders["draft"])
-        theirs, theirs_draft = mlx_lm_load_model(folders["target"])[0], mlx_lm_load_model(folders["draft"])[0]
-        configs = configs_for(target, draft, theirs, theirs_draft, k=3, lookup=3, lookup_ks=(4, 8))
-        record: dict = {"device": device, "rounds": args.rounds, "files_per_task": args.files}
-        for task, prompts in tasks(tok, args.files).items():
-            record[task] = measure(configs, prompts, args.rounds)
-            print(task, record[task], flush=True)
-        print(f"wrote {write_json(RESULTS / 'speculative-standins.json', record)}")
-        if not args.skip_270m:
+        if "standins" in parts:
+            folders = {n: convert(REPO / "standins" / f"openelm-stdlib-{n}", tmp / n, tokenizer_rebuild=False).path
+                       for n in ("target", "draft")}
+            (target, tok), (draft, _) = load(folders["target"]), load(folders["draft"])
+            theirs, theirs_draft = mlx_lm_load_model(folders["target"])[0], mlx_lm_load_model(folders["draft"])[0]
+            configs = configs_for(target, draft, theirs, theirs_draft, k=3, lookup=3, lookup_ks=(4, 8))
+            record: dict = {"device": device, "rounds": args.rounds, "files_per_task": args.files}
+            for task, prompts in tasks(tok, args.files).items():
+                record[task] = measure(configs, prompts, args.rounds)
+                print(task, record[task], flush=True)
+            print(f"wrote {write_json(RESULTS / 'speculative-standins.json', record)}")
+        if "270m" in parts or "verify" in parts:
             big = random_model("OpenELM-270M", dtype="bfloat16")
+        if "270m" in parts:
             q4 = random_model("OpenELM-270M", dtype="bfloat16")  # same seed: the same weights, then 4-bit
             nn.quantize(q4, group_size=64, bits=4)
             mx.eval(q4.parameters())
@@ -197,9 +209,11 @@ def main(argv: list[str] | None = None) -> int:
             big_configs = configs_for(big, q4, their_big, their_q4, k=3, lookup=3, lookup_ks=(8,))
             record = {"device": device, "rounds": 1, "random": measure(big_configs, prompts, 1)}
             print("270M", record["random"], flush=True)
-            record["verify_cost"] = verify_cost(big)
-            print("verify cost", record["verify_cost"], flush=True)
             print(f"wrote {write_json(RESULTS / 'speculative-270m.json', record)}")
+        if "verify" in parts:
+            record = {"device": device, "context": 128, "verify_cost": verify_cost(big)}
+            print("verify cost", record["verify_cost"], flush=True)
+            print(f"wrote {write_json(RESULTS / 'speculative-verify-270m.json', record)}")
     return 0
 
 
