@@ -59,15 +59,16 @@ def ours(model, batch: int):
     return decoder.step
 
 
-def matmuls_alone(model, batch: int):
-    # The decode step's own weight inputs: each linear layer (and the head) already split across its lanes.
+def matmuls_alone(model, batch: int, tokens: int = 1):
+    """Every linear layer of the decode step (and the tied head) over ``batch`` rows of ``tokens`` tokens, through
+    the step's own weight inputs and lanes, all weights read once, nothing else."""
     lanes = ck.cpu_lanes()
     streams = ck.lane_streams(lanes)
     plan, params = plan_and_params(model, lanes, "cpu")
     weights = [(params["head"], plan.embed_quant)]
     for lp, quants in zip(params["layers"], plan.quant):
         weights += zip(lp["linears"], quants)
-    work = [(mx.random.normal((batch, 1, parts["whole"][0].shape[1])).astype(mx.bfloat16), parts, quant)
+    work = [(mx.random.normal((batch, tokens, parts["whole"][0].shape[1])).astype(mx.bfloat16), parts, quant)
             for parts, quant in weights]
     mx.eval([x for x, _, _ in work])
     return lambda: mx.eval([ck.linear(x, parts, quant, streams) for x, parts, quant in work])

@@ -8,9 +8,9 @@ compiled step, against mlx-lm's speculative decoding on the same weights, altern
 2. A random OpenELM-270M (bfloat16) with its own 4-bit copy as the draft, on random prompt ids. Random weights
    repeat one token, so every draft is accepted: this part shows the cost structure at 270M size, not a gain a
    trained model would see.
-3. The verify cost at 270M: one compiled pass over K + 1 tokens, and the model's own uncompiled forward pass over
-   the same tokens (the prefill path speculative decoding started from), each against one compiled single-token
-   step, in the same run.
+3. The verify cost, at 270M and on the stand-in target: one compiled pass over K + 1 tokens, and the model's own
+   uncompiled forward pass over the same tokens (the prefill path speculative decoding started from), each against
+   one compiled single-token step, in the same run; and how much of the step and of the pass is matmuls.
 
 Greedy throughout: every configuration yields the same tokens as plain decoding (checked here too). Each timed
 block is one generation; blocks alternate their order round by round; the figures are medians.
@@ -18,7 +18,7 @@ block is one generation; blocks alternate their order round by round; the figure
     python benchmarks/speculative.py [--rounds 4] [--parts standins,270m,verify]
 
 Results: ``benchmarks/results/speculative-standins.json``, ``speculative-270m.json`` and
-``speculative-verify-270m.json``, one a part, each written as soon as its part is done (a part not run leaves its
+``speculative-verify.json``, one a part, each written as soon as its part is done (a part not run leaves its
 file as it was).
 """
 
@@ -49,6 +49,8 @@ from mlx_openelm.bench import time_generation, write_json  # noqa: E402
 from mlx_openelm.convert import convert  # noqa: E402
 from mlx_openelm.decode import DecodeStep  # noqa: E402
 from mlx_openelm.device import device_info  # noqa: E402
+
+from batch_step import matmuls_alone  # noqa: E402  (benchmarks/, the script's own folder)
 
 RESULTS = REPO / "benchmarks" / "results"
 EDIT = "\n# The same code again, with {old} renamed to {new}:\n"
@@ -142,33 +144,41 @@ def configs_for(target, draft, theirs, theirs_draft, k: int, lookup: int, lookup
     }
 
 
-def verify_cost(model, lengths=(1, 2, 4, 6, 9), context: int = 128, reps: int = 5) -> dict:
-    """Per L: a compiled pass over L tokens (at ``context`` cached tokens; L = 1 is the decode step) and the model's
-    own uncompiled forward pass over them (every position's logits, as verification needs), in ms and over one
-    compiled single-token step; the two passes alternate, rep by rep."""
+def verify_cost(model, lengths=(2, 4, 6, 9), context: int = 128, reps: int = 15) -> dict:
+    """Per L: a compiled pass over L tokens (at ``context`` cached tokens), the model's own uncompiled forward pass
+    over them (every position's logits, as verification needs) and the step's matmuls alone at 1 and L tokens
+    (``batch_step.matmuls_alone``), in ms and over one compiled single-token step. All alternate rep by rep, and
+    each L's ratios use the steps timed beside it (this VM's speed drifts)."""
     from mlx_openelm import make_cache
 
     cache = make_cache(model)
     step = DecodeStep(model, cache)
     step.prefill(mx.random.randint(0, model.args.vocab_size, (1, context)))
-    times: dict[tuple[int, str], list[float]] = {}
+    one = mx.random.randint(0, model.args.vocab_size, (1, 1)).astype(mx.uint32)
+    matmuls_one = matmuls_alone(model, 1)
+    out = {}
     for n in lengths:
         tokens = mx.random.randint(0, model.args.vocab_size, (1, n)).astype(mx.uint32)
-        runs = {"compiled": functools.partial(step if n == 1 else step.verify, tokens),
-                "uncompiled": functools.partial(model, tokens, cache=cache)}
+        runs = {"step": (functools.partial(step, one), 1), "compiled": (functools.partial(step.verify, tokens), n),
+                "uncompiled": (functools.partial(model, tokens, cache=cache), n),
+                "matmuls_one_token": (matmuls_one, 0), "matmuls": (matmuls_alone(model, 1, n), 0)}
+        times: dict[str, list[float]] = {name: [] for name in runs}
         for rep in range(2 + reps):  # two untimed reps: traces, allocations
-            for name, run in runs.items():
+            for name, (run, length) in runs.items():
                 tic = time.perf_counter()
                 mx.eval(run())
                 if rep >= 2:
-                    times.setdefault((n, name), []).append(time.perf_counter() - tic)
+                    times[name].append(time.perf_counter() - tic)
                 for c in cache:
-                    c.trim(n)
-    ms = {key: 1e3 * statistics.median(t) for key, t in times.items()}
-    one = ms[1, "compiled"]
-    return {str(n): {"compiled_ms": ms[n, "compiled"], "compiled_over_one_token": ms[n, "compiled"] / one,
-                     "uncompiled_ms": ms[n, "uncompiled"], "uncompiled_over_one_token": ms[n, "uncompiled"] / one,
-                     "issue_uncompiled_over_one_token": UNCOMPILED.get(n)} for n in lengths}
+                    c.trim(length)
+        ms = {name: 1e3 * statistics.median(t) for name, t in times.items()}
+        out[str(n)] = {**{f"{name}_ms": v for name, v in ms.items()},
+                       "compiled_over_one_token": ms["compiled"] / ms["step"],
+                       "uncompiled_over_one_token": ms["uncompiled"] / ms["step"],
+                       "issue_uncompiled_over_one_token": UNCOMPILED.get(n),
+                       "matmul_share_of_step": ms["matmuls_one_token"] / ms["step"],
+                       "matmul_share_of_pass": ms["matmuls"] / ms["compiled"]}
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -184,10 +194,11 @@ def main(argv: list[str] | None = None) -> int:
     device = device_info()
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        if "standins" in parts:
+        if "standins" in parts or "verify" in parts:
             folders = {n: convert(REPO / "standins" / f"openelm-stdlib-{n}", tmp / n, tokenizer_rebuild=False).path
                        for n in ("target", "draft")}
             (target, tok), (draft, _) = load(folders["target"]), load(folders["draft"])
+        if "standins" in parts:
             theirs, theirs_draft = mlx_lm_load_model(folders["target"])[0], mlx_lm_load_model(folders["draft"])[0]
             configs = configs_for(target, draft, theirs, theirs_draft, k=3, lookup=3, lookup_ks=(4, 8))
             record: dict = {"device": device, "rounds": args.rounds, "files_per_task": args.files}
@@ -211,9 +222,11 @@ def main(argv: list[str] | None = None) -> int:
             print("270M", record["random"], flush=True)
             print(f"wrote {write_json(RESULTS / 'speculative-270m.json', record)}")
         if "verify" in parts:
-            record = {"device": device, "context": 128, "verify_cost": verify_cost(big)}
-            print("verify cost", record["verify_cost"], flush=True)
-            print(f"wrote {write_json(RESULTS / 'speculative-verify-270m.json', record)}")
+            record = {"device": device, "context": 128, "reps": 15}
+            for name, model in (("OpenELM-270M random bfloat16", big), ("stand-in target bfloat16", target)):
+                record[name] = verify_cost(model)
+                print("verify cost", name, record[name], flush=True)
+            print(f"wrote {write_json(RESULTS / 'speculative-verify.json', record)}")
     return 0
 
 

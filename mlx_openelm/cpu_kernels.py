@@ -1,9 +1,10 @@
-"""The decode step's kernels for MLX's CPU backend, and the lanes its big matmuls are split across.
+"""The decode step's kernels for MLX's CPU backend, and the lanes its matmuls are split across.
 
 That backend composes RoPE and attention from many small ops and runs each stream's ops on one thread. So here
 RoPE is one fused multiply-add over a precomputed cos/sin table (bit for bit MLX's own RoPE), attention puts each
-KV head's query group into the rows of one matmul, and the large matmuls are split by output rows across one
-stream per core ("lanes"). The ``mx.fast`` kernels Metal and CUDA run are in ``decode.py`` beside these.
+KV head's query group into the rows of one matmul, and each matmul with enough work (token rows x weight) is
+split by output rows across one stream per core ("lanes"). The ``mx.fast`` kernels Metal and CUDA run are in
+``decode.py`` beside these.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ Quant = tuple  # (group_size, bits, mode), or () for a dense weight
 
 
 def cpu_lanes() -> int:
-    """How many streams the big matmuls are split across: the usable cores (at most 8) when the default device is
+    """How many streams the matmuls are split across: the usable cores (at most 8) when the default device is
     the CPU, else 1 (lanes are CPU streams: on a GPU they would move the work to the CPU)."""
     if mx.default_device().type != mx.cpu:
         return 1
