@@ -68,7 +68,7 @@ def matmuls_alone(model, batch: int, tokens: int = 1):
     weights = [(params["head"], plan.embed_quant)]
     for lp, quants in zip(params["layers"], plan.quant):
         weights += zip(lp["linears"], quants)
-    work = [(mx.random.normal((batch, tokens, parts["whole"][0].shape[1])).astype(mx.bfloat16), parts, quant)
+    work = [(mx.random.normal((batch, tokens, parts[0][0].shape[1])).astype(mx.bfloat16), parts, quant)
             for parts, quant in weights]
     mx.eval([x for x, _, _ in work])
     return lambda: mx.eval([ck.linear(x, parts, quant, streams) for x, parts, quant in work])

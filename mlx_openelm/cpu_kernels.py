@@ -2,9 +2,8 @@
 
 That backend composes RoPE and attention from many small ops and runs each stream's ops on one thread. So here
 RoPE is one fused multiply-add over a precomputed cos/sin table (bit for bit MLX's own RoPE), attention puts each
-KV head's query group into the rows of one matmul, and each matmul with enough work (token rows x weight) is
-split by output rows across one stream per core ("lanes"). The ``mx.fast`` kernels Metal and CUDA run are in
-``decode.py`` beside these.
+KV head's query group into the rows of one matmul, and each matmul but the smallest is split by output rows
+across one stream per core ("lanes"). The ``mx.fast`` kernels Metal and CUDA run are in ``decode.py`` beside these.
 """
 
 from __future__ import annotations
@@ -19,11 +18,10 @@ import mlx.core as mx
 import mlx.nn as nn
 
 QUANTIZED = (nn.QuantizedLinear, nn.QuantizedEmbedding)
-# A matmul is split across lanes only when its work outweighs the cross-stream synchronisation. Counted in
-# multiply-adds (token rows x weight rows x input features) at trace time, so one weight may run whole in a
-# one-token step and split in a verify pass or a batched step: MLX's bundled CPU BLAS is compute-bound even at
-# one token, so on a 5.8M model a 1-token step is mostly matmuls and splitting pays from ~32K multiply-adds.
-MIN_SPLIT = 1 << 15
+# A matmul is split across lanes only when it is big enough to outweigh the cross-stream synchronisation. MLX's
+# bundled CPU BLAS is compute-bound even at one token, so splitting pays well below a million weights: on the 5.8M
+# stand-in target (weights of 32K-1M) a 64K floor made the 1-token step and the 5-token verify pass faster.
+MIN_SPLIT = 1 << 16  # weights (rows x input features)
 Quant = tuple  # (group_size, bits, mode), or () for a dense weight
 
 
@@ -64,13 +62,14 @@ def arrays_of(m: nn.Module) -> list[mx.array]:
     return [m[n] for n in names if m.get(n) is not None]
 
 
-def split_rows(m: nn.Module, lanes: int) -> dict[str, Any]:
-    """``{"whole": m's arrays, "parts": them cut by output rows into ``lanes`` parts}`` (views, no copies):
-    :func:`linear` picks one or the other by the work of each call."""
+def split_rows(m: nn.Module, lanes: int) -> list[list[mx.array]]:
+    """``m``'s arrays cut by output rows into ``lanes`` parts (views, no copies); one part when ``m`` is small."""
     arrays = arrays_of(m)
-    rows = arrays[0].shape[0]
+    rows, cols = arrays[0].shape
+    if rows * (cols * 32 // m.bits if isinstance(m, QUANTIZED) else cols) < MIN_SPLIT:
+        lanes = 1
     cut = row_cuts(rows, min(lanes, rows))
-    return {"whole": arrays, "parts": [[a[cut[i] : cut[i + 1]] for a in arrays] for i in range(len(cut) - 1)]}
+    return [[a[cut[i] : cut[i + 1]] for a in arrays] for i in range(len(cut) - 1)]
 
 
 def matmul(x: mx.array, w: list[mx.array], quant: Quant) -> mx.array:
@@ -82,13 +81,10 @@ def matmul(x: mx.array, w: list[mx.array], quant: Quant) -> mx.array:
     return mx.quantized_matmul(x, w[0], w[1], biases, transpose=True, group_size=group_size, bits=bits, mode=mode)
 
 
-def linear(x: mx.array, w: dict[str, Any], quant: Quant, streams: tuple) -> mx.array:
-    """``x @ W.T`` for ``W`` from :func:`split_rows`: whole on the caller's stream when the call's work is below
-    ``MIN_SPLIT`` multiply-adds, else each row part on its own lane, concatenated."""
-    parts, (rows, cols) = w["parts"], w["whole"][0].shape
-    features = cols * 32 // quant[1] if quant else cols
-    if len(parts) == 1 or (x.size // x.shape[-1]) * rows * features < MIN_SPLIT:
-        return matmul(x, w["whole"], quant)
+def linear(x: mx.array, parts: list[list[mx.array]], quant: Quant, streams: tuple) -> mx.array:
+    """``x @ W.T`` with each row part of ``W`` on its own lane, concatenated."""
+    if len(parts) == 1:
+        return matmul(x, parts[0], quant)
     outs = []
     for stream, w in zip(streams, parts):
         if stream is None:

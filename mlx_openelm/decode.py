@@ -9,8 +9,8 @@ constants, so one trace serves every model of the same structure. The numerics f
 
 The kernels: ``"fast"`` is MLX's fused ``mx.fast.rope`` (array offsets) and ``mx.fast.scaled_dot_product_attention``
 (boolean mask), what Metal and CUDA run; ``"cpu"`` is the hand-fused set of ``cpu_kernels.py`` for MLX's CPU
-backend, whose matmuls are also split across one stream per core when their work is large enough. ``"auto"``
-picks by the default device. Both sets run on any device, so both are tested everywhere.
+backend, whose matmuls (all but the smallest) are also split across one stream per core. ``"auto"`` picks by
+the default device. Both sets run on any device, so both are tested everywhere.
 """
 
 from __future__ import annotations

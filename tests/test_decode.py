@@ -56,32 +56,11 @@ def test_lanes_split_matmuls_by_rows_and_change_nothing(monkeypatch, lanes, dtyp
     for n in (1, lanes):
         cache = make_cache(model)
         step = DecodeStep(model, cache, lanes=n, kernels="cpu")
-        assert len(step.params["layers"][1]["linears"][2]["parts"]) == n  # proj_1 really is cut into n row blocks
+        assert len(step.params["layers"][1]["linears"][2]) == n  # proj_1 really is cut into n row blocks
         step.prefill(tokens[:, :20])
         outs.append(mx.concatenate([step(tokens[:, i : i + 1])[:, None] for i in range(20, 40)], axis=1))
         assert not step.fallback
     assert mx.allclose(outs[0], outs[1], atol=1e-5, rtol=1e-5)
-
-
-@pytest.mark.parametrize("quantized", [False, True])
-def test_linear_splits_by_the_work_of_each_call(monkeypatch, quantized):
-    # One weight, two calls: a one-token call below MIN_SPLIT multiply-adds runs the whole weight once; a
-    # five-token call above it runs each row part on its own lane, and both give the same rows.
-    layer = nn.Linear(128, 64, bias=False)
-    if quantized:
-        layer = nn.QuantizedLinear.from_linear(layer, group_size=64, bits=4)
-    quant = ck.quant_of(layer)
-    monkeypatch.setattr(ck, "MIN_SPLIT", 64 * 128 * 3)  # between one token's work and five tokens'
-    w = ck.split_rows(layer, 2)
-    calls = []
-    matmul = ck.matmul
-    monkeypatch.setattr(ck, "matmul", lambda x, part, q: calls.append(part[0].shape[0]) or matmul(x, part, q))
-    x = mx.random.normal((1, 5, 128), key=mx.random.key(3))
-    one = ck.linear(x[:, :1], w, quant, ck.lane_streams(2))
-    assert calls == [64]
-    five = ck.linear(x, w, quant, ck.lane_streams(2))
-    assert calls == [64, 32, 32]
-    assert mx.allclose(five[:, :1], one, atol=1e-5) and mx.allclose(five, layer(x), atol=1e-5)
 
 
 def test_row_cuts_cover_every_row_once():
