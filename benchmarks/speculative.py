@@ -189,7 +189,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--parts", default=",".join(PARTS), help=f"which parts to run, comma-separated: {', '.join(PARTS)}")
     args = p.parse_args(argv)
     parts = args.parts.split(",")
-    if not parts or set(parts) - set(PARTS):
+    if set(parts) - set(PARTS):
         p.error(f"--parts takes a comma-separated choice of {', '.join(PARTS)}, got {args.parts!r}")
     device = device_info()
     with tempfile.TemporaryDirectory() as tmp:
