@@ -1,7 +1,7 @@
 """Where a batched decode step's time goes at 270M size (a random OpenELM-270M, bfloat16), against mlx-lm's
 batched forward on the same weights, in one run:
 
-- ours: one step of the server's running batch (``BatchDecoder.step``: the compiled step, then each row's
+- ours: one step of the server's running batch (``BatchEngine.decode``: the compiled step, then each row's
   token chosen);
 - ours, matmuls alone: every linear layer of that step (and the tied head) at the same batch, split across
   the same lanes, all weights read once, nothing else;
@@ -27,9 +27,9 @@ import mlx.core as mx
 from mlx_lm.models.cache import make_prompt_cache
 from mlx_lm.utils import load_model as mlx_lm_load_model
 
-from mlx_openelm import cpu_kernels as ck
+from mlx_openelm import linear as lin
 from mlx_openelm import random_model, save
-from mlx_openelm.batch import BatchDecoder
+from mlx_openelm.batch import BatchEngine, Sequence
 from mlx_openelm.bench import write_json
 from mlx_openelm.decode import plan_and_params
 from mlx_openelm.device import device_info
@@ -51,19 +51,19 @@ def timed(run, steps: int) -> float:
 
 
 def ours(model, batch: int):
-    decoder = BatchDecoder(model)
+    engine = BatchEngine(model)
     for i in range(batch):
-        pre = decoder.prefill(PROMPT[:-1] + [PROMPT[-1] + i], 256)
-        pre.advance(len(PROMPT))
-        decoder.join(pre)
-    return decoder.step
+        engine.add(Sequence(None, PROMPT[:-1] + [PROMPT[-1] + i], 1 << 20))  # token ids only: no text to assemble
+    while engine.prefilling:
+        engine.prefill(len(PROMPT))
+    return engine.decode
 
 
 def matmuls_alone(model, batch: int, tokens: int = 1):
     """Every linear layer of the decode step (and the tied head) over ``batch`` rows of ``tokens`` tokens, through
     the step's own weight inputs and lanes, all weights read once, nothing else."""
-    lanes = ck.cpu_lanes()
-    streams = ck.lane_streams(lanes)
+    lanes = lin.cpu_lanes()
+    streams = lin.lane_streams(lanes)
     plan, params = plan_and_params(model, lanes, "cpu")
     weights = [(params["head"], plan.embed_quant)]
     for lp, quants in zip(params["layers"], plan.quant):
@@ -71,7 +71,7 @@ def matmuls_alone(model, batch: int, tokens: int = 1):
     work = [(mx.random.normal((batch, tokens, parts[0][0].shape[1])).astype(mx.bfloat16), parts, quant)
             for parts, quant in weights]
     mx.eval([x for x, _, _ in work])
-    return lambda: mx.eval([ck.linear(x, parts, quant, streams) for x, parts, quant in work])
+    return lambda: mx.eval([lin.linear(x, parts, quant, streams) for x, parts, quant in work])
 
 
 def theirs(model, batch: int):
@@ -90,7 +90,7 @@ def main(argv: list[str] | None = None) -> int:
     model = random_model("OpenELM-270M", dtype="bfloat16")
     with tempfile.TemporaryDirectory() as tmp:
         their_model = mlx_lm_load_model(save(model, Path(tmp) / "model"))[0]
-    record: dict = {"model": "random OpenELM-270M bfloat16", "lanes": ck.cpu_lanes(), "device": device_info(),
+    record: dict = {"model": "random OpenELM-270M bfloat16", "lanes": lin.cpu_lanes(), "device": device_info(),
                     "batches": {}}
     for batch in (int(b) for b in args.batches.split(",")):
         runs = {"mlx-openelm step": ours(model, batch), "mlx-openelm matmuls alone": matmuls_alone(model, batch),

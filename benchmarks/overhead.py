@@ -33,8 +33,8 @@ from mlx_lm.utils import load_model as mlx_lm_load_model
 
 from mlx_openelm import generate_step, load_model, preset, random_model, save
 from mlx_openelm.bench import write_json
-from mlx_openelm.cpu_kernels import cpu_lanes
 from mlx_openelm.device import device_info
+from mlx_openelm.linear import cpu_lanes
 
 RESULTS = Path(__file__).parent / "results"
 TINY = {"model_dim": 64, "head_dim": 16, "vocab_size": 256}

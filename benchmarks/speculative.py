@@ -47,7 +47,7 @@ import corpus  # noqa: E402, I001
 from mlx_openelm import load, random_model, save  # noqa: E402
 from mlx_openelm.bench import time_generation, write_json  # noqa: E402
 from mlx_openelm.convert import convert  # noqa: E402
-from mlx_openelm.decode import DecodeStep  # noqa: E402
+from mlx_openelm.decode import DecodeStep, model_forward  # noqa: E402
 from mlx_openelm.device import device_info  # noqa: E402
 
 from batch_step import matmuls_alone  # noqa: E402  (benchmarks/, the script's own folder)
@@ -152,15 +152,16 @@ def verify_cost(model, lengths=(2, 4, 6, 9), context: int = 128, reps: int = 15)
     from mlx_openelm import make_cache
 
     cache = make_cache(model)
-    step = DecodeStep(model, cache)
-    step.prefill(mx.random.randint(0, model.args.vocab_size, (1, context)))
+    step = DecodeStep(model)
+    step.prefill(cache, mx.random.randint(0, model.args.vocab_size, (1, context)))
     one = mx.random.randint(0, model.args.vocab_size, (1, 1)).astype(mx.uint32)
     matmuls_one = matmuls_alone(model, 1)
     out = {}
     for n in lengths:
         tokens = mx.random.randint(0, model.args.vocab_size, (1, n)).astype(mx.uint32)
-        runs = {"step": (functools.partial(step, one), 1), "compiled": (functools.partial(step.verify, tokens), n),
-                "uncompiled": (functools.partial(model, tokens, cache=cache), n),
+        runs = {"step": (functools.partial(step, cache, one), 1),
+                "compiled": (functools.partial(step.verify, cache, tokens), n),
+                "uncompiled": (functools.partial(model_forward, model, cache, tokens), n),
                 "matmuls_one_token": (matmuls_one, 0), "matmuls": (matmuls_alone(model, 1, n), 0)}
         times: dict[str, list[float]] = {name: [] for name in runs}
         for rep in range(2 + reps):  # two untimed reps: traces, allocations
@@ -169,8 +170,7 @@ def verify_cost(model, lengths=(2, 4, 6, 9), context: int = 128, reps: int = 15)
                 mx.eval(run())
                 if rep >= 2:
                     times[name].append(time.perf_counter() - tic)
-                for c in cache:
-                    c.trim(length)
+                cache.trim(length)
         ms = {name: 1e3 * statistics.median(t) for name, t in times.items()}
         out[str(n)] = {**{f"{name}_ms": v for name, v in ms.items()},
                        "compiled_over_one_token": ms["compiled"] / ms["step"],

@@ -168,15 +168,11 @@ def parameter_count(args: ModelArgs) -> int:
 
 
 def kv_bytes_per_token(model: nn.Module) -> int:
-    """Bytes the KV cache holds per token position, measured from the cache arrays after one token.
-
-    Caches allocate ahead in blocks, so each array's bytes are divided by its capacity (the sequence axis, -2).
-    """
+    """Bytes the KV cache holds per token position, measured from the cache's buffers (allocated ahead in blocks,
+    so their bytes are divided by the capacity)."""
     cache = make_cache(model)
-    model(mx.array([[0]]), cache=cache)
-    arrays = [a for c in cache for _, a in tree_flatten(c.state) if isinstance(a, mx.array)]
-    mx.eval(arrays)
-    return sum(a.nbytes // a.shape[-2] for a in arrays)
+    cache.reserve(1)
+    return cache.nbytes // cache.capacity
 
 
 def decode_bytes_per_token(model: nn.Module, context: int) -> int:

@@ -15,7 +15,7 @@ from typing import Any
 
 import mlx.core as mx
 
-from .cache import make_cache
+from .cache import KVCache, make_cache
 from .fileio import atomic_write
 from .generate import stream_generate
 
@@ -154,6 +154,9 @@ class ChatSession:
             # Runs on every exit (end, close() on Ctrl-C, exception): the reply so far joins the conversation.
             stream.close()
             reply = "".join(pieces)
+            if self.tokenizer.chat_template is None:
+                # A base model's reply continues the prompt's text: keep the exact text, a leading space included.
+                reply = self.tokenizer.decode(generated, continuation=True)
             self._settle(ids + generated, prompt + reply)
             self.messages = [*messages, {"role": "assistant", "content": reply}]
             self.last_turn = TurnStats(
@@ -205,8 +208,8 @@ class ChatSession:
                     "context_ids": cached}
         return {}
 
-    def _caches(self) -> list:
-        return self.cache + (self.draft_cache or [])
+    def _caches(self) -> list[KVCache]:
+        return [self.cache] + ([self.draft_cache] if self.draft_cache is not None else [])
 
     def _trim(self, n: int) -> None:
         # Keep the first n cached tokens (of those held), in the draft's cache too.
@@ -216,13 +219,8 @@ class ChatSession:
         self._cached = min(self._cached, n)
 
     def _settle(self, ids: list[int], text: str) -> None:
-        # Record what the caches now hold: the tokens both hold. Layers disagree only if a forced interrupt hit
-        # mid-forward: rebuild then.
-        offsets = {c.offset for c in self.cache}
-        if len(offsets) != 1:
-            self._clear_cache()
-            return
-        held = min([offsets.pop()] + [c.offset for c in self.draft_cache or []])
+        # Record what the caches now hold: the tokens both hold (a cache moves on only after a whole step).
+        held = min(c.offset for c in self._caches())
         self._ids, self._text, self._cached = ids, text, held
         self._trim(min(held, len(ids)))
 

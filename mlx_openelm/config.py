@@ -105,6 +105,12 @@ class ModelArgs:
             kwargs[k] = list(kwargs[k])
         return cls(**kwargs)
 
+    @property
+    def max_positions(self) -> int:
+        """The most positions the model can place: its RoPE table or its context, whichever is longer (generation
+        itself stops at ``max_context_length``; speculative drafts may look past it)."""
+        return max(self.max_context_length, self.rope_max_length)
+
     def to_dict(self) -> dict[str, Any]:
         """The ``config.json`` fields (derived widths excluded)."""
         return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.init}

@@ -9,8 +9,8 @@ constants, so one trace serves every model of the same structure. The numerics f
 
 The kernels: ``"fast"`` is MLX's fused ``mx.fast.rope`` (array offsets) and ``mx.fast.scaled_dot_product_attention``
 (boolean mask), what Metal and CUDA run; ``"cpu"`` is the hand-fused set of ``cpu_kernels.py`` for MLX's CPU
-backend, whose matmuls (all but the smallest) are also split across one stream per core. ``"auto"`` picks by
-the default device. Both sets run on any device, so both are tested everywhere.
+backend, where the matmuls (all but the smallest) are also split across one stream per core (``linear.py``).
+``"auto"`` picks by the default device. Both sets run on any device, so both are tested everywhere.
 """
 
 from __future__ import annotations
@@ -23,9 +23,11 @@ from typing import Any
 
 import mlx.core as mx
 import mlx.nn as nn
+from mlx_lm.models.cache import KVCache as LayerCache
 
-from . import cpu_kernels as ck
-from .cache import reserve
+from . import linear as lin
+from .cache import KVCache
+from .cpu_kernels import CpuKernels
 
 KERNELS = ("auto", "cpu", "fast")
 
@@ -72,7 +74,7 @@ class FastKernels:
         return mx.fast.scaled_dot_product_attention(q, keys, values, scale=self.head_dim**-0.5, mask=mask[:, None])
 
 
-_KERNEL_SETS = {"cpu": ck.CpuKernels, "fast": FastKernels}
+_KERNEL_SETS = {"cpu": CpuKernels, "fast": FastKernels}
 
 
 @dataclass(frozen=True)
@@ -80,8 +82,8 @@ class Plan:
     """The static structure a trace depends on (hashable; the weights themselves are inputs)."""
 
     heads: tuple[tuple[int, int], ...]  # (query heads, kv heads) per layer
-    quant: tuple[tuple[ck.Quant, ck.Quant, ck.Quant, ck.Quant], ...]  # qkv_proj, out_proj, proj_1, proj_2
-    embed_quant: ck.Quant
+    quant: tuple[tuple[lin.Quant, lin.Quant, lin.Quant, lin.Quant], ...]  # qkv_proj, out_proj, proj_1, proj_2
+    embed_quant: lin.Quant
     head_dim: int
     eps: float
     rope_base: float
@@ -96,8 +98,8 @@ def plan_and_params(model: nn.Module, lanes: int, kernels: str) -> tuple[Plan, d
     linears = [(b.attn.qkv_proj, b.attn.out_proj, b.ffn.proj_1, b.ffn.proj_2) for b in t.layers]
     plan = Plan(
         heads=tuple(zip(a.num_query_heads, a.num_kv_heads)),
-        quant=tuple(tuple(ck.quant_of(m) for m in ms) for ms in linears),
-        embed_quant=ck.quant_of(t.token_embeddings),
+        quant=tuple(tuple(lin.quant_of(m) for m in ms) for ms in linears),
+        embed_quant=lin.quant_of(t.token_embeddings),
         head_dim=a.head_dim, eps=a.rms_norm_eps, rope_base=a.rope_freq_constant, lanes=lanes, kernels=kernels,
     )
     layers = []
@@ -108,21 +110,15 @@ def plan_and_params(model: nn.Module, lanes: int, kernels: str) -> tuple[Plan, d
         k = mx.broadcast_to(b.attn.k_norm.weight, (b.attn.n_kv_heads, 1, a.head_dim))
         qk_norm = mx.concatenate([q, k]).astype(mx.float32)
         layers.append({"attn_norm": b.attn_norm.weight, "ffn_norm": b.ffn_norm.weight, "qk_norm": qk_norm,
-                       "linears": [ck.split_rows(m, lanes) for m in ms], **kset.layer_weights(b.attn, qk_norm)})
-    params = {"embed": ck.arrays_of(t.token_embeddings), "head": ck.split_rows(t.token_embeddings, lanes),
+                       "linears": [lin.split_rows(m, lanes) for m in ms], **kset.layer_weights(b.attn, qk_norm)})
+    params = {"embed": lin.arrays_of(t.token_embeddings), "head": lin.split_rows(t.token_embeddings, lanes),
               "norm": t.norm.weight, "layers": layers,
-              **kset.model_weights(max(a.max_context_length, a.rope_max_length))}
+              **kset.model_weights(a.max_positions)}
     mx.eval(params)
     return plan, params
 
 
-def activation_dtype(model: nn.Module) -> mx.Dtype:
-    """The dtype the model computes in (and its KV cache holds): its embedding's, or the scales' when quantized."""
-    emb = model.transformer.token_embeddings
-    return (emb.scales if isinstance(emb, ck.QUANTIZED) else emb.weight).dtype
-
-
-def _embed(tokens: mx.array, w: list[mx.array], quant: ck.Quant) -> mx.array:
+def _embed(tokens: mx.array, w: list[mx.array], quant: lin.Quant) -> mx.array:
     if not quant:
         return w[0][tokens]
     group_size, bits, mode = quant
@@ -136,8 +132,8 @@ class StepFunction:
     def __init__(self, plan: Plan):
         self.plan, self.traces = plan, 0
         self.kernels = _KERNEL_SETS[plan.kernels](plan.head_dim, plan.rope_base)
-        self.streams = ck.lane_streams(plan.lanes)
-        self.compiled = mx.compile(self._trace)
+        self.streams = lin.lane_streams(plan.lanes)
+        self.compiled_forward = mx.compile(self._trace)
 
     def _trace(self, *args: Any) -> tuple:
         self.traces += 1  # Python runs only while mx.compile traces: this counts (re)compilations
@@ -160,7 +156,7 @@ class StepFunction:
         for lp, quant, (nq, nkv), k_cache, v_cache in zip(params["layers"], p.quant, p.heads, keys, values):
             qkv_w, out_w, up_w, down_w = lp["linears"]
             x = mx.fast.rms_norm(h, lp["attn_norm"], p.eps).astype(dtype)
-            qkv = ck.linear(x, qkv_w, quant[0], s)
+            qkv = lin.linear(x, qkv_w, quant[0], s)
             # One token: [B, 1, heads * D] -> [B, heads, 1, D] is a reshape, no transpose.
             qkv = qkv.reshape(B, -1, 1, D) if L == 1 else qkv.reshape(B, L, -1, D).transpose(0, 2, 1, 3)
             qk, v = mx.split(qkv, [nq + nkv], axis=1)
@@ -173,12 +169,12 @@ class StepFunction:
             new_values.append(v_cache)
             out = kern.attend(q, k_cache[:, :, :window], v_cache[:, :, :window], mask)
             out = out.reshape(B, 1, -1) if L == 1 else out.transpose(0, 2, 1, 3).reshape(B, L, -1)
-            h = h + ck.linear(out, out_w, quant[1], s)
+            h = h + lin.linear(out, out_w, quant[1], s)
             x = mx.fast.rms_norm(h, lp["ffn_norm"], p.eps).astype(dtype)
-            gate, up = mx.split(ck.linear(x, up_w, quant[2], s), 2, axis=-1)
-            h = h + ck.linear(nn.silu(gate) * up, down_w, quant[3], s)
+            gate, up = mx.split(lin.linear(x, up_w, quant[2], s), 2, axis=-1)
+            h = h + lin.linear(nn.silu(gate) * up, down_w, quant[3], s)
         x = mx.fast.rms_norm(h if all_logits else h[:, -1:], params["norm"], p.eps).astype(dtype)
-        logits = ck.linear(x, params["head"], p.embed_quant, s)
+        logits = lin.linear(x, params["head"], p.embed_quant, s)
         return (logits if all_logits else logits[:, 0, :]), new_keys, new_values
 
 
@@ -193,30 +189,26 @@ def step_function(plan: Plan) -> StepFunction:
 
 
 class DecodeStep:
-    """``step(tokens[B, 1]) -> logits[B, vocab]``: one decode step of ``model`` over ``cache`` (plain ``KVCache``s
-    from ``make_cache``, every row at the same position), which it grows when full and advances.
-    ``step.prefill(tokens[B, L])`` puts a prompt chunk in first; ``step.verify(tokens[B, L])`` returns the logits of
-    every position (one compiled trace per length, for speculative decoding; undo with ``cache`` ``trim``).
+    """The decode step of ``model`` over a :class:`~mlx_openelm.cache.KVCache`, which it grows when full and advances:
+    ``step(cache, tokens[B, 1]) -> logits[B, vocab]``, each row at its own position. ``step.prefill(cache,
+    tokens[B, L])`` puts prompt chunks in (op by op: their lengths vary); ``step.verify(cache, tokens[B, L])``
+    returns the logits of every position (one compiled trace per length, for speculative decoding; undo with the
+    cache's ``trim``). One step serves any number of caches of its model.
 
     ``kernels``: ``"auto"``, ``"cpu"`` or ``"fast"`` (see the module docstring); lanes (default
-    :func:`~mlx_openelm.cpu_kernels.cpu_lanes`) apply on the CPU backend only. ``compile=False`` runs the same
-    step op by op. The first call of every new shape is evaluated at once: if it fails (a backend without a kernel
-    or without compile support), the step warns once and falls back to the model's own forward pass for good.
+    :func:`~mlx_openelm.linear.cpu_lanes`) apply on the CPU backend only. ``compile=False`` runs the same step op
+    by op. The first call of every new shape is evaluated at once: if it fails (a backend without a kernel or
+    without compile support), the step warns once and runs the model's own forward pass for good.
     """
 
-    def __init__(self, model: nn.Module, cache: list, compile: bool = True, lanes: int | None = None,
-                 kernels: str = "auto"):
-        self.model, self.cache = model, cache
-        kernels = resolve_kernels(kernels)
-        lanes = 1 if mx.default_device().type != mx.cpu else lanes or ck.cpu_lanes()
-        plan, self.params = plan_and_params(model, lanes, kernels)
+    def __init__(self, model: nn.Module, compile: bool = True, lanes: int | None = None, kernels: str = "auto"):
+        self.model, self.compile = model, compile
+        lanes = 1 if mx.default_device().type != mx.cpu else lanes or lin.cpu_lanes()
+        plan, self.params = plan_and_params(model, lanes, resolve_kernels(kernels))
         self.fn = step_function(plan)
-        self.compiled = compile
         self.fallback = False
-        self.max_positions = max(model.args.max_context_length, model.args.rope_max_length)
-        self.dtype = activation_dtype(model)
+        self.max_positions = model.args.max_positions
         self._checked: set[tuple] = set()
-        self._pos: tuple[int, int, mx.array] | None = None  # (offset, batch, positions array) last used
 
     @property
     def traces(self) -> int:
@@ -228,46 +220,36 @@ class DecodeStep:
         """The kernel set in use: ``"cpu"`` or ``"fast"``."""
         return self.fn.plan.kernels
 
-    def reserve(self, tokens: int, batch: int = 1) -> None:
-        """Size the caches for ``tokens`` positions up front, so the step does not grow them (or retrace)."""
-        reserve(self.cache, tokens, self.model.args, batch, self.dtype)
+    def __call__(self, cache: KVCache, tokens: mx.array) -> mx.array:
+        """Logits ``[B, vocab]`` after ``tokens[B, 1]``."""
+        return self._run(cache, tokens, self.compile, False)
 
-    def __call__(self, tokens: mx.array) -> mx.array:
-        """Logits ``[B, vocab]`` after ``tokens[B, 1]``, through the compiled step (unless ``compile=False``)."""
-        return self._run(tokens, self.compiled, False)
+    def prefill(self, cache: KVCache, tokens: mx.array, lengths: list[int] | None = None) -> mx.array:
+        """Put ``tokens[B, L]`` into the cache, op by op (not compiled: the lengths vary; the matmuls are big enough
+        that host work does not matter). ``lengths``: the real tokens of each row when rows are right-padded to L
+        (a padded position writes keys past its row's tokens, which nothing reads before they are overwritten).
+        Logits of the last position."""
+        return self._run(cache, tokens, False, False, lengths)
 
-    def prefill(self, tokens: mx.array) -> mx.array:
-        """Put ``tokens[B, L]`` into the cache through the same step run op by op (its length varies, so it is
-        not compiled; its matmuls are big enough that the host work does not matter). Logits of the last."""
-        return self._run(tokens, False, False)
-
-    def verify(self, tokens: mx.array) -> mx.array:
+    def verify(self, cache: KVCache, tokens: mx.array) -> mx.array:
         """Logits ``[B, L, vocab]`` of every one of ``tokens[B, L]`` (compiled: one trace per length and window)."""
-        return self._run(tokens, self.compiled, True)
+        return self._run(cache, tokens, self.compile, True)
 
-    def _positions(self, offset: int, batch: int) -> mx.array:
-        if self._pos is None or self._pos[:2] != (offset, batch):
-            self._pos = (offset, batch, mx.full((batch,), offset, dtype=mx.int32))
-        return self._pos[2]
-
-    def _run(self, tokens: mx.array, compiled: bool, all_logits: bool) -> mx.array:
+    def _run(self, cache: KVCache, tokens: mx.array, compiled: bool, all_logits: bool,
+             lengths: list[int] | None = None) -> mx.array:
         if self.fallback:
-            logits = self.model(tokens, cache=self.cache)
+            logits = model_forward(self.model, cache, tokens)
             return logits if all_logits else logits[:, -1, :]
-        cache = self.cache
         if tokens.dtype != mx.uint32:  # the prompt's dtype and the sampler's may differ: one trace for both
             tokens = tokens.astype(mx.uint32)
-        (B, L), offset = tokens.shape, cache[0].offset
-        if offset + L > self.max_positions:
-            raise ValueError(f"position {offset + L} is past the {self.max_positions} the model supports")
-        if cache[0].keys is None or offset + L > cache[0].keys.shape[2]:
-            self.reserve(offset + L, B)
-        capacity = cache[0].keys.shape[2]
-        window = attention_window(offset + L, capacity)
-        key = (compiled, B, L, window, capacity, all_logits)
-        fn = self.fn.compiled if compiled else self.fn.forward
-        args = (tokens, self._positions(offset, B), window, all_logits, [c.keys for c in cache],
-                [c.values for c in cache], self.params)
+        (B, L), end = tokens.shape, max(cache.positions) + tokens.shape[1]
+        if end > self.max_positions:
+            raise ValueError(f"position {end} is past the {self.max_positions} the model supports")
+        cache.reserve(end)
+        window = attention_window(end, cache.capacity)
+        key = (compiled, B, L, window, cache.capacity, all_logits)
+        fn = self.fn.compiled_forward if compiled else self.fn.forward
+        args = (tokens, cache.positions_array(), window, all_logits, cache.keys, cache.values, self.params)
         try:
             logits, keys, values = fn(*args)
             if key not in self._checked:  # a kernel that fails only when evaluated fails here, on its first use
@@ -277,9 +259,21 @@ class DecodeStep:
             warnings.warn(f"decode step unavailable ({type(e).__name__}: {e}); using the model's own forward pass",
                           stacklevel=3)
             self.fallback = True
-            return self._run(tokens, compiled, all_logits)
-        for c, k, v in zip(cache, keys, values):
-            c.keys, c.values = k, v
-            c.offset += L
-        self._pos = (offset + L, B, self._pos[2] + L)
+            return self._run(cache, tokens, compiled, all_logits, lengths)
+        cache.update(keys, values, lengths if lengths is not None else L)
         return logits
+
+
+def model_forward(model: nn.Module, cache: KVCache, tokens: mx.array) -> mx.array:
+    """Logits ``[B, L, vocab]`` of the model's own forward pass over ``cache`` (every row at one position), each
+    layer's buffers lent to one of mlx-lm's ``KVCache`` objects, which that pass writes in place."""
+    offset = cache.offset
+    cache.reserve(offset + tokens.shape[1])
+    layers = []
+    for k, v in zip(cache.keys, cache.values):
+        layer = LayerCache()
+        layer.keys, layer.values, layer.offset = k, v, offset
+        layers.append(layer)
+    logits = model(tokens, cache=layers)
+    cache.update([c.keys for c in layers], [c.values for c in layers], tokens.shape[1])
+    return logits

@@ -12,7 +12,7 @@ from typing import Any
 
 import mlx.core as mx
 
-from .cpu_kernels import cpu_lanes, lane_streams, row_cuts
+from .linear import cpu_lanes, lane_streams, row_cuts
 
 # Apple's published unified-memory bandwidths (GB/s). A tuple is (binned chip, full chip): the binned M3 Max and
 # M4 Max have less bandwidth, and their GPU core count (below FULL_GPU_CORES, or at it) tells them apart. Chips

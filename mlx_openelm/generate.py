@@ -13,9 +13,9 @@ from typing import Any
 import mlx.core as mx
 import mlx.nn as nn
 
-from .cache import make_cache
-from .runner import check_prompt, decode_step, generation_stream, kv_cache_bytes, prefill, token_budget, wired_limit
-from .sample import LogitsProcessor, Sampler, greedy
+from .cache import KVCache
+from .runner import Forward, check_prompt, default_cache, generation_stream, kv_cache_bytes, token_budget, wired_limit
+from .sample import LogitsProcessor, Sampler, choose, greedy
 from .speculative import SpeculativeStats, speculative_generate_step
 
 
@@ -49,7 +49,7 @@ def generate_step(
     sampler: Sampler | None = None,
     logits_processors: Sequence[LogitsProcessor] | None = None,
     prefill_step_size: int = 512,
-    prompt_cache: list | None = None,
+    prompt_cache: KVCache | list | None = None,
     max_kv_size: int | None = None,
     kv_bits: int | None = None,
     compile: bool = True,
@@ -57,7 +57,7 @@ def generate_step(
     draft_model: nn.Module | None = None,
     num_draft_tokens: int = 3,
     prompt_lookup: int | None = None,
-    draft_cache: list | None = None,
+    draft_cache: KVCache | None = None,
     stats: SpeculativeStats | None = None,
     context_ids: Sequence[int] = (),
 ) -> Iterator[tuple[int, mx.array]]:
@@ -69,11 +69,11 @@ def generate_step(
     with ``max_kv_size`` (a rotating window, generation may then pass the context limit) or ``kv_bits``
     (a quantized cache). Generation stops after ``max_tokens`` or at the model's context limit.
 
-    For this project's ``Model`` with a plain cache, the prompt and each token go through
-    :class:`~mlx_openelm.decode.DecodeStep` (compiled for the tokens, ``kernels`` as there, the cache sized once
-    for the prompt and the budget); ``compile=False``, a rotating or quantized cache, or another model class use
-    the model's own forward pass instead. Both give the same tokens. The logprobs of a greedy step are computed
-    only if read.
+    With this project's :class:`~mlx_openelm.cache.KVCache` (the default) the prompt and each token go through
+    the decode step (:class:`~mlx_openelm.decode.DecodeStep`: ``compile=False`` runs it op by op, ``kernels`` as
+    there; the cache is sized once for the prompt and the budget); mlx-lm's rotating or quantized caches, and
+    mlx-lm's model class, run the model's own forward pass. All give the same tokens. The logprobs of a greedy
+    step are computed only if read.
 
     ``draft_model`` (same vocabulary) or ``prompt_lookup`` (an n-gram size) decode speculatively,
     ``num_draft_tokens`` at a time, with the same output (greedy: token for token; sampling: in distribution);
@@ -89,30 +89,24 @@ def generate_step(
             compile=compile, kernels=kernels, stats=stats, context_ids=context_ids)
         return
     check_prompt(prompt, prefill_step_size)
-    cache = prompt_cache if prompt_cache is not None else make_cache(model, max_kv_size, kv_bits)
+    cache = prompt_cache if prompt_cache is not None else default_cache(model, max_kv_size, kv_bits)
     budget = token_budget(model, prompt.size, max_tokens, cache, max_kv_size)
     sampler = sampler or greedy
     processors = list(logits_processors or [])
     history = prompt[:-1]  # the processors' view: every token fed to the model so far
-    decode = decode_step(model, cache, compile, kernels)
-    if decode:
-        decode.reserve(cache[0].offset + prompt.size + budget - 1)  # the last token is never fed back
+    forward = Forward(model, cache, compile, kernels)
+    forward.reserve(forward.offset + prompt.size + budget - 1)  # the last token is never fed back
     stream = generation_stream()
 
     def step(tokens: mx.array) -> tuple[mx.array, mx.array]:
         nonlocal history
         with mx.stream(stream):
-            logits = decode(tokens) if decode else model(tokens, cache=cache)[:, -1, :]
             if processors:
                 history = mx.concatenate([history, tokens[0].astype(history.dtype)])
-                for p in processors:
-                    logits = p(history, logits)
-            logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
-            # Greedy: the argmax of the logits is that of the logprobs, which then stay lazy (computed if read).
-            return (greedy(logits) if sampler is greedy else sampler(logprobs)), logprobs
+            return choose(forward(tokens), sampler, processors, history)
 
     with wired_limit(model, kv_cache_bytes(model, prompt.size + budget, max_kv_size, kv_bits), stream):
-        prefill(model, cache, decode, prompt[:-1], prefill_step_size, stream)
+        forward.prefill(prompt[:-1], prefill_step_size, stream)
         y, logprobs = step(prompt[None, -1:])
         mx.async_eval(y)
         for n in range(budget):

@@ -1,11 +1,13 @@
 """Models by name: a converted folder, or a Hugging Face repo id converted on first use into the user cache.
 
-This sits after the converter and the loader in the data flow (it calls both); neither imports it.
+This sits after the converter, the loader and speculative decoding's checks in the data flow (it calls them); none
+imports it.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import mlx.core as mx
 
@@ -13,6 +15,7 @@ from .convert import convert
 from .fileio import cache_dir, is_repo_id
 from .load import check_folder, load_model, read_config
 from .model import Model
+from .speculative import PromptLookup, check_draft
 from .tokenizer import Tokenizer
 from .tokenizer_fetch import load_tokenizer
 
@@ -52,3 +55,21 @@ def load_draft(draft: str | Path, target: str | Path) -> Model:
         raise ValueError(f"--draft-model {draft} has a vocabulary of {theirs} tokens and the model {ours}: a draft "
                          "must share the model's tokenizer (OpenELM-270M drafts for every OpenELM size)")
     return load_model(folder, dtype="auto")
+
+
+def generation_options(model: str | Path, max_tokens: int | None = None, draft_model: str | Path | None = None,
+                       num_draft_tokens: int = 3, prompt_lookup: int | None = None) -> dict[str, Any]:
+    """Check the options of a generation with ``model`` before its weights load, and return its drafting keywords
+    (for ``generate_step`` and ``ChatSession``): the draft model loaded (see :func:`load_draft`), or prompt lookup;
+    ``{}`` without either. ``max_tokens`` (when given) is checked here so that a bad one fails before loading."""
+    if max_tokens is not None and max_tokens < 1:
+        raise ValueError(f"--max-tokens must be at least 1, got {max_tokens}")
+    if draft_model and prompt_lookup is not None:  # names, before check_draft sees any loaded model
+        raise ValueError("give --draft-model or --prompt-lookup, not both")
+    check_draft(None, None, prompt_lookup, num_draft_tokens)
+    if prompt_lookup is not None:
+        PromptLookup(prompt_lookup)  # its n-gram size is checked where it is used
+        return {"prompt_lookup": prompt_lookup, "num_draft_tokens": num_draft_tokens}
+    if draft_model:
+        return {"draft_model": load_draft(draft_model, model), "num_draft_tokens": num_draft_tokens}
+    return {}

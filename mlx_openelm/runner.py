@@ -1,5 +1,5 @@
-"""What every generation loop runs in: its stream, the token budget, the wired-memory limit, the compiled step
-and the chunked prefill. Shared by plain (``generate.py``) and speculative (``speculative.py``) decoding.
+"""What every generation loop runs in: its stream, the token budget, the wired-memory limit, and the model over its
+cache (:class:`Forward`). Shared by plain (``generate.py``) and speculative (``speculative.py``) decoding.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten
 
-from .cache import is_fixed_capacity
+from .cache import KVCache, cached_tokens, make_cache
 from .decode import DecodeStep
 from .model import Model
 
@@ -31,9 +31,10 @@ def generation_stream() -> Any:
     return _STREAMS[key]
 
 
-def token_budget(model: nn.Module, prompt_tokens: int, max_tokens: int, cache: list | None = None,
+def token_budget(model: nn.Module, prompt_tokens: int, max_tokens: int, cache: KVCache | list | None = None,
                  max_kv_size: int | None = None) -> int:
-    """How many tokens may be generated: ``max_tokens``, capped by the context limit unless the cache rotates.
+    """How many tokens may be generated: ``max_tokens``, capped by the context limit (``max_context_length``)
+    unless the cache rotates.
 
     Raises ``ValueError`` when the prompt (after what ``cache`` already holds) leaves no room.
     """
@@ -41,7 +42,7 @@ def token_budget(model: nn.Module, prompt_tokens: int, max_tokens: int, cache: l
         raise ValueError(f"max_tokens must be an integer >= 1, got {max_tokens!r}")
     if prompt_tokens < 1:
         raise ValueError("the prompt is empty: give at least one token")
-    held = cache[0].offset if cache else 0
+    held = 0 if cache is None else cached_tokens(cache)
     limit = getattr(model.args, "max_context_length", None)  # mlx-lm's model class does not record it
     if limit is None:
         return max_tokens
@@ -49,7 +50,7 @@ def token_budget(model: nn.Module, prompt_tokens: int, max_tokens: int, cache: l
         where = f" after {held} cached tokens" if held else ""
         raise ValueError(f"the prompt has {prompt_tokens} tokens{where} but the model's context holds {limit}: "
                          "shorten the prompt")
-    rotating = max_kv_size is not None or bool(cache and hasattr(cache[0], "max_size"))
+    rotating = max_kv_size is not None or (isinstance(cache, list) and hasattr(cache[0], "max_size"))
     return max_tokens if rotating else min(max_tokens, limit - held - prompt_tokens)
 
 
@@ -97,21 +98,63 @@ def check_prompt(prompt: mx.array, prefill_step_size: int) -> None:
         raise ValueError(f"prefill_step_size must be an integer >= 1, got {prefill_step_size!r}")
 
 
-def decode_step(model: nn.Module, cache: list, compile: bool, kernels: str = "auto") -> DecodeStep | None:
-    """The compiled step for this project's ``Model`` over a plain cache; None where the model's own forward runs
-    (``compile=False``, a rotating or quantized cache, another model class such as mlx-lm's or a wrapper)."""
-    fast = compile and isinstance(model, Model) and is_fixed_capacity(cache)
-    return DecodeStep(model, cache, kernels=kernels) if fast else None
+class Forward:
+    """A model over its cache, the one way every generation loop runs a model: the compiled
+    :class:`~mlx_openelm.decode.DecodeStep` over this project's :class:`~mlx_openelm.cache.KVCache`, or the model's
+    own forward pass over mlx-lm's caches (rotating, quantized, or mlx-lm's model class). Both give the same tokens.
+    ``compile`` and ``kernels`` are the decode step's."""
+
+    def __init__(self, model: nn.Module, cache: KVCache | list, compile: bool = True, kernels: str = "auto"):
+        self.model, self.cache = model, cache
+        self.step = None
+        if isinstance(cache, KVCache):
+            if not isinstance(model, Model):
+                raise ValueError(f"a KVCache serves this project's Model, not {type(model).__name__}: use "
+                                 "mlx_lm.models.cache.make_prompt_cache for it")
+            self.step = DecodeStep(model, compile=compile, kernels=kernels)
+
+    @property
+    def offset(self) -> int:
+        """Positions the cache holds."""
+        return cached_tokens(self.cache)
+
+    def __call__(self, tokens: mx.array, all_logits: bool = False) -> mx.array:
+        """Logits after ``tokens[B, L]`` (appended to the cache): ``[B, vocab]`` of the last, or ``[B, L, vocab]``."""
+        if self.step is None:
+            logits = self.model(tokens, cache=self.cache)
+            return logits if all_logits else logits[:, -1, :]
+        if not all_logits:
+            return self.step(self.cache, tokens)
+        return self.step.verify(self.cache, tokens) if tokens.shape[1] > 1 else self.step(self.cache, tokens)[:, None]
+
+    def prefill(self, ids: mx.array, step_size: int, stream: Any) -> None:
+        """Put the 1-D ``ids`` into the cache in chunks of ``step_size``, evaluating each chunk."""
+        with mx.stream(stream):
+            for start in range(0, ids.size, step_size):
+                chunk = ids[None, start : start + step_size]
+                if self.step is None:
+                    self.model(chunk, cache=self.cache)
+                    mx.eval([c.state for c in self.cache])
+                else:
+                    self.step.prefill(self.cache, chunk)
+                    mx.eval(self.cache.state)
+
+    def reserve(self, tokens: int) -> None:
+        """Size a :class:`KVCache` for ``tokens`` positions up front, so the step neither grows it nor retraces."""
+        if self.step is not None:
+            self.cache.reserve(tokens)
+
+    def trim(self, n: int) -> None:
+        """Forget the last ``n`` cached positions (moves the positions back; nothing is copied)."""
+        if n:
+            for c in [self.cache] if self.step is not None else self.cache:
+                c.trim(n)
 
 
-def prefill(model: nn.Module, cache: list, decode: DecodeStep | None, ids: mx.array, step_size: int,
-            stream: Any) -> None:
-    """Put the 1-D ``ids`` into ``cache`` in chunks of ``step_size``, evaluating each chunk."""
-    with mx.stream(stream):
-        for start in range(0, ids.size, step_size):
-            chunk = ids[None, start : start + step_size]
-            if decode:
-                decode.prefill(chunk)
-            else:
-                model(chunk, cache=cache)
-            mx.eval([c.state for c in cache])
+def default_cache(model: nn.Module, max_kv_size: int | None = None, kv_bits: int | None = None) -> KVCache | list:
+    """``make_cache`` for this project's ``Model``; mlx-lm's own cache for another model class."""
+    if isinstance(model, Model):
+        return make_cache(model, max_kv_size, kv_bits)
+    from mlx_lm.models.cache import make_prompt_cache
+
+    return make_prompt_cache(model, max_kv_size)

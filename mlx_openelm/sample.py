@@ -6,7 +6,7 @@ order (temperature, then top-k, top-p, min-p, as Hugging Face and llama.cpp do) 
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import mlx.core as mx
 from mlx_lm.sample_utils import apply_min_p, apply_top_k, apply_top_p, make_repetition_penalty
@@ -18,6 +18,22 @@ LogitsProcessor = Callable[[mx.array, mx.array], mx.array]
 def greedy(logprobs: mx.array) -> mx.array:
     """The most likely token of each row."""
     return mx.argmax(logprobs, axis=-1)
+
+
+def choose(logits: mx.array, sampler: Sampler = greedy, processors: Sequence[LogitsProcessor] = (),
+           history: mx.array | Sequence[int] = ()) -> tuple[mx.array, mx.array]:
+    """The token choice every decoding path makes: ``(tokens[B], logprobs[B, vocab])`` from ``logits[B, vocab]``.
+
+    The processors see ``history`` (every token fed so far); the logprobs are of the processed logits, normalized.
+    Greedy takes the argmax of the logits themselves (the same token), so the logprobs stay lazy: computed only
+    if read.
+    """
+    if processors:
+        history = history if isinstance(history, mx.array) else mx.array(list(history))
+        for p in processors:
+            logits = p(history, logits)
+    logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
+    return (greedy(logits) if sampler is greedy else sampler(logprobs)), logprobs
 
 
 def _check(name: str, value: float, ok: bool, allowed: str) -> None:
@@ -69,12 +85,17 @@ class FilteredSampler:
     def __init__(self, temp: float, filters: list[Callable[[mx.array], mx.array]], seed: int | None):
         self.temp, self.filters = temp, filters
         self.key = None if seed is None else mx.random.key(seed)
+        self._last: tuple[mx.array, mx.array] | None = None
 
     def logits(self, logprobs: mx.array) -> mx.array:
-        """The unnormalized log-probabilities sampled from: ``logprobs / temp``, filtered (dropped tokens -inf)."""
+        """The unnormalized log-probabilities sampled from: ``logprobs / temp``, filtered (dropped tokens -inf).
+        The last result is kept, so asking again for the distribution just drawn from computes nothing twice."""
+        if self._last is not None and self._last[0] is logprobs:
+            return self._last[1]
         x = logprobs * (1 / self.temp)
         for f in self.filters:
             x = f(x)
+        self._last = (logprobs, x)
         return x
 
     def _key(self) -> mx.array | None:

@@ -1,7 +1,9 @@
-"""The paper-style table: each model size x (unquantized, 8-bit, 4-bit), as Markdown, JSON and (matplotlib) a PNG."""
+"""The paper-style table: each model size x (unquantized, 8-bit, 4-bit), as Markdown, JSON and (matplotlib) a PNG;
+and :func:`run_bench`, the ``bench`` command's one call (a single model or the sweep)."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 import mlx.core as mx
@@ -15,12 +17,15 @@ from .bench import (
     check_output,
     parameter_count,
     prepare_model,
+    result_table,
+    summary_lines,
     write_atomic,
     write_json,
 )
-from .chart import bar_chart_png, chart_available
+from .chart import INSTALL, bar_chart_png, chart_available
 from .config import PRESETS, ModelArgs, preset
 from .device import device_info, memory_bandwidth
+from .hub import generation_options
 
 
 def parse_sizes(text: str) -> list[str]:
@@ -157,3 +162,50 @@ def write_sweep(results: list[BenchResult], prefix: str | Path) -> list[Path]:
     if len(paths) > 2:
         write_atomic(paths[2], sweep_chart(results))
     return paths
+
+
+@dataclass(frozen=True)
+class BenchReport:
+    """What :func:`run_bench` leaves to print: a table of trials (single model), text, notes for stderr, files."""
+
+    table: tuple[list[str], list[list[str]]] | None
+    text: str
+    notes: list[str]
+    paths: list[Path]
+
+
+def run_bench(
+    model: str | None = None, preset_name: str | None = None, dtype: str | None = None, q_bits: int | None = None, *,
+    prompt_tokens: int = 128, gen_tokens: int = 128, trials: int = 3, json_path: str | Path | None = None,
+    sweep_all: bool = False, sizes: str | None = None, out: str | Path | None = None, draft_model: str | None = None,
+    num_draft_tokens: int = 3, prompt_lookup: int | None = None, progress: Progress | None = None,
+) -> BenchReport:
+    """Benchmark one model (``model``, else random weights of ``preset_name``, optionally drafting) or, with
+    ``sweep_all``, every size of ``sizes`` at each precision into ``out`` (a prefix). The options are checked
+    together and the outputs checked writable before anything loads; the results are written before returning."""
+    check_counts(prompt_tokens, gen_tokens, trials)
+    if model and preset_name:
+        raise ValueError("give --model or --preset, not both")
+    if sweep_all and (model or preset_name or q_bits or json_path or draft_model or prompt_lookup):
+        raise ValueError("--sweep benchmarks random weights at every precision into --out: drop --model, --preset, -q, "
+                         "--json and the speculative options")
+    if not sweep_all and (sizes or out):
+        raise ValueError("--sizes and --out belong to --sweep: add --sweep, or drop them")
+    counts = dict(prompt_tokens=prompt_tokens, gen_tokens=gen_tokens, trials=trials)
+    if sweep_all:
+        out, size_list = Path(out or "openelm-sweep"), parse_sizes(sizes) if sizes else None
+        sweep_paths(out)  # writable: checked before the long run
+        results = sweep(size_list, dtype=dtype, progress=progress, **counts)
+        paths = write_sweep(results, out)
+        return BenchReport(None, sweep_markdown(results), [] if len(paths) > 2 else
+                           [f"no PNG chart: it needs matplotlib ({INSTALL})"], paths)
+    if json_path:
+        check_output(json_path)
+    if (draft_model or prompt_lookup) and not model:
+        raise ValueError("speculative decoding needs a real model: give --model (random weights repeat one token)")
+    spec = generation_options(model, None, draft_model, num_draft_tokens, prompt_lookup) if model else {}
+    net, label = prepare_model(preset_name or "OpenELM-270M", model, dtype, q_bits)
+    result = bench(net, label, q_bits=q_bits, q_group_size=64, progress=progress, speculative=spec,
+                   draft_label=draft_model, **counts)
+    paths = [write_json(json_path, result.to_dict())] if json_path else []
+    return BenchReport(result_table(result), "\n".join(summary_lines(result)), [], paths)

@@ -29,7 +29,8 @@ INSTRUCT_CHAT_TEMPLATE = (
     "{% if add_generation_prompt %}{{ '<|assistant|>\\n' }}{% endif %}"
 )
 
-# Completion format for base models, which were never trained on a chat format.
+# Completion format for base models, which were never trained on a chat format: the conversation is one text the
+# model continues. This goes before each message but the first, except a reply (see ``_completion_prompt``).
 COMPLETION_SEPARATOR = "\n\n"
 
 
@@ -113,15 +114,22 @@ class Tokenizer:
             start = m.end()
         return ids + self.sp.encode(text[start:])
 
-    def decode(self, ids: list[int]) -> str:
-        """Text of ``ids``, exactly as SentencePiece decodes it (control ids vanish)."""
-        return self.sp.decode(list(ids))
+    def decode(self, ids: list[int], continuation: bool = False) -> str:
+        """Text of ``ids``, exactly as SentencePiece decodes it (control ids vanish).
 
-    def detokenizer(self) -> StreamingDetokenizer:
-        """A fresh streaming detokenizer for one generated sequence."""
+        ``continuation``: the ids follow earlier text (a base model's reply), so the first piece keeps the
+        leading space that SentencePiece drops at the start of a text ("▁Paris" after "is" is " Paris").
+        """
+        if not continuation:
+            return self.sp.decode(list(ids))
+        detokenizer = self.detokenizer(continuation=True)
+        return "".join(detokenizer.add(i) for i in ids) + detokenizer.flush()
+
+    def detokenizer(self, continuation: bool = False) -> StreamingDetokenizer:
+        """A fresh streaming detokenizer for one generated sequence (``continuation``: as in :meth:`decode`)."""
         if self._piece_bytes is None:
             self._piece_bytes = [_piece_bytes(self.sp, i) for i in range(self.vocab_size)]
-        return StreamingDetokenizer(self._piece_bytes, self.sp)
+        return StreamingDetokenizer(self._piece_bytes, self.sp, continuation)
 
     def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
         """Render ``messages`` ({"role", "content"} dicts) as a prompt.
@@ -129,11 +137,11 @@ class Tokenizer:
         With a template (Instruct models, or a user file) it is rendered with Jinja as in transformers.
         The Instruct template writes ``<s>``, then per message ``<|role|>``, a newline, the content, ``</s>``
         and a newline, and last (``add_generation_prompt``) ``<|assistant|>`` and a newline.
-        Without one (base models) the prompt is the messages' contents joined by a blank line, no role
-        markers: a single user message is passed through unchanged, as a plain completion prompt.
+        Without one (base models) the prompt is the text the model continues, no role markers: a single
+        message is passed through unchanged, as a plain completion prompt; see ``_completion_prompt``.
         """
         if self._template is None:
-            return COMPLETION_SEPARATOR.join(m["content"] for m in messages)
+            return _completion_prompt(messages)
         try:
             text = self._template.render(messages=messages, add_generation_prompt=add_generation_prompt,
                                          bos_token=self.sp.id_to_piece(self.bos_id),
@@ -154,11 +162,11 @@ class StreamingDetokenizer:
     ``"".join(add(i) for i in ids) + flush() == sp.decode(ids)``.
     """
 
-    def __init__(self, piece_bytes: list[bytes], sp: spm.SentencePieceProcessor):
+    def __init__(self, piece_bytes: list[bytes], sp: spm.SentencePieceProcessor, continuation: bool = False):
         self._bytes = piece_bytes
         self._sp = sp
         self._decoder = codecs.getincrementaldecoder("utf-8")(errors=_error_handler())
-        self._at_start = True
+        self._at_start = not continuation  # text that continues other text keeps its leading space
 
     def add(self, token_id: int) -> str:
         """Feed one id; return the text it completes (possibly "")."""
@@ -174,6 +182,19 @@ class StreamingDetokenizer:
     def flush(self) -> str:
         """Return what is held back at the end (an incomplete character becomes U+FFFD per byte)."""
         return self._decoder.decode(b"", final=True)
+
+
+def _completion_prompt(messages: list[dict]) -> str:
+    """A conversation as one text for a base model: each message's content, with ``COMPLETION_SEPARATOR`` before
+    each one but the first, except before a reply (an ``assistant`` message).
+
+    A reply is what the model generated right after the text before it, so nothing goes between them; a reply
+    the model generated is therefore kept as its exact text (``Tokenizer.decode(ids, continuation=True)``). Then
+    a prompt plus its reply is the start of the next turn's prompt, as the model saw it. Without a template there
+    is no cue for the reply to come (the model just continues): ``add_generation_prompt`` changes nothing.
+    """
+    return "".join(m["content"] if i == 0 or m["role"] == "assistant" else COMPLETION_SEPARATOR + m["content"]
+                   for i, m in enumerate(messages))
 
 
 def _piece_bytes(sp: spm.SentencePieceProcessor, i: int) -> bytes:

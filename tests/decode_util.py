@@ -5,6 +5,7 @@ from __future__ import annotations
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
+from mlx_lm.models.cache import make_prompt_cache
 from tiny import tiny_args
 
 from mlx_openelm import make_cache, random_model
@@ -42,8 +43,8 @@ def step_vs_model(model, batch: int, **step_kw) -> tuple[float, bool, DecodeStep
     """The worst logit difference between the step and the model over chunked prefill, single steps across
     capacity growth and a verify pass, and whether every argmax agreed."""
     tokens = ids(batch, STEPS[-1] + 1 + VERIFY, seed=batch)
-    plain, fast = make_cache(model), make_cache(model)
-    step = DecodeStep(model, fast, **step_kw)
+    plain, fast = make_prompt_cache(model), make_cache(model)
+    step = DecodeStep(model, **step_kw)
     worst, same = 0.0, True
 
     def check(a, b):
@@ -52,10 +53,10 @@ def step_vs_model(model, batch: int, **step_kw) -> tuple[float, bool, DecodeStep
         worst, same = max(worst, d), same and s
 
     for a, b in CHUNKS:
-        check(model(tokens[:, a:b], cache=plain)[:, -1], step.prefill(tokens[:, a:b]))
+        check(model(tokens[:, a:b], cache=plain)[:, -1], step.prefill(fast, tokens[:, a:b]))
     for i in STEPS:
-        check(model(tokens[:, i : i + 1], cache=plain)[:, -1], step(tokens[:, i : i + 1]))
+        check(model(tokens[:, i : i + 1], cache=plain)[:, -1], step(fast, tokens[:, i : i + 1]))
     end = STEPS[-1] + 1
-    check(model(tokens[:, end : end + VERIFY], cache=plain), step.verify(tokens[:, end : end + VERIFY]))
-    assert fast[0].offset == plain[0].offset == end + VERIFY and fast[0].keys.shape[2] == 512
+    check(model(tokens[:, end : end + VERIFY], cache=plain), step.verify(fast, tokens[:, end : end + VERIFY]))
+    assert fast.offset == plain[0].offset == end + VERIFY and fast.capacity == 512
     return worst, same, step

@@ -30,7 +30,7 @@ from mlx_openelm.device import (
     measure_bandwidth,
     memory_bandwidth,
 )
-from mlx_openelm.sweep import default_sizes, parse_sizes, sweep, sweep_markdown, write_sweep
+from mlx_openelm.sweep import default_sizes, parse_sizes, run_bench, sweep, sweep_markdown, write_sweep
 
 CLI = [sys.executable, "-c", "import cli; cli.main()", "bench"]
 REPO = Path(__file__).resolve().parents[1]
@@ -195,6 +195,34 @@ def test_sweep_without_matplotlib_writes_markdown_and_json(tmp_path, monkeypatch
                     bandwidth=(100.0, "given"))
     paths = write_sweep(results, tmp_path / "sweep")
     assert [p.suffix for p in paths] == [".md", ".json"] and not (tmp_path / "sweep.png").exists()
+
+
+@pytest.mark.parametrize("options, message", [
+    ({"model": "m", "preset_name": "OpenELM-270M"}, "give --model or --preset, not both"),
+    ({"sweep_all": True, "q_bits": 4}, "--sweep benchmarks random weights at every precision"),
+    ({"sweep_all": True, "prompt_lookup": 2}, "drop --model, --preset, -q, --json and the speculative options"),
+    ({"out": "prefix"}, "--sizes and --out belong to --sweep"),
+    ({"prompt_lookup": 2}, "speculative decoding needs a real model"),
+    ({"trials": 0}, "--trials must be >= 1"),
+])
+def test_run_bench_rejects_option_combinations_before_loading(options, message):
+    with pytest.raises(ValueError, match=message):
+        run_bench(**{"progress": None, **options})
+
+
+def test_run_bench_sweep_writes_and_reports_what_to_print(tmp_path, monkeypatch):
+    import mlx_openelm.sweep as sweep_module
+
+    monkeypatch.setattr(sweep_module, "chart_available", lambda: False)
+    results = sweep([tiny_args()], dtype="float32", precisions=(None,), prompt_tokens=4, gen_tokens=3, trials=1,
+                    bandwidth=(100.0, "given"))
+    asked = []
+    monkeypatch.setattr(sweep_module, "sweep", lambda sizes, **kw: asked.append((sizes, kw)) or results)
+    report = run_bench(sweep_all=True, sizes="270M", out=tmp_path / "s", prompt_tokens=4, gen_tokens=3, trials=1)
+    assert asked[0][0] == ["OpenELM-270M"] and asked[0][1]["trials"] == 1
+    assert report.table is None and report.text == sweep_markdown(results)
+    assert report.paths == [tmp_path / "s.md", tmp_path / "s.json"] and all(p.is_file() for p in report.paths)
+    assert len(report.notes) == 1 and "no PNG chart" in report.notes[0]
 
 
 def test_sizes():

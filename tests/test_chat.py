@@ -6,28 +6,28 @@ import json
 
 import mlx.core as mx
 import pytest
+from mlx_lm.models.cache import make_prompt_cache
 from spm_util import train_spm
 from tiny import tiny_args
 
-from mlx_openelm import make_cache, random_model
+from mlx_openelm import random_model
 from mlx_openelm.chat import ChatSession, Notice, read_conversation
 from mlx_openelm.chat_terminal import parse_command, run_command
+from mlx_openelm.decode import DecodeStep
 from mlx_openelm.tokenizer import INSTRUCT_CHAT_TEMPLATE, Tokenizer
 
 
-class CountingModel:
-    """The real model, recording how many tokens each forward pass is given."""
+@pytest.fixture
+def fed(monkeypatch) -> list[int]:
+    """How many tokens each forward pass of the decode step is given (what the model really sees)."""
+    counts, run = [], DecodeStep._run
 
-    def __init__(self, model):
-        self.model = model
-        self.fed: list[int] = []
+    def counting(self, cache, tokens, *args):
+        counts.append(tokens.shape[1])
+        return run(self, cache, tokens, *args)
 
-    def __getattr__(self, name):
-        return getattr(self.model, name)
-
-    def __call__(self, tokens, cache=None):
-        self.fed.append(tokens.shape[1])
-        return self.model(tokens, cache=cache)
+    monkeypatch.setattr(DecodeStep, "_run", counting)
+    return counts
 
 
 @pytest.fixture(scope="module")
@@ -38,7 +38,7 @@ def tokenizer(tmp_path_factory):
 
 def make_session(tokenizer, max_context=512, **kwargs) -> ChatSession:
     args = tiny_args(vocab_size=tokenizer.vocab_size, max_context_length=max_context)
-    return ChatSession(CountingModel(random_model(args, dtype="float32")), tokenizer, **kwargs)
+    return ChatSession(random_model(args, dtype="float32"), tokenizer, **kwargs)
 
 
 def say(session: ChatSession, text: str, **kwargs) -> tuple[str, list[Notice]]:
@@ -48,15 +48,14 @@ def say(session: ChatSession, text: str, **kwargs) -> tuple[str, list[Notice]]:
 
 def assert_cache_is_full_prefill(session: ChatSession) -> None:
     """The cache built turn by turn holds exactly what one prefill of ``session.tokens`` gives."""
-    fresh = make_cache(session.model)
-    session.model.model(mx.array(session.tokens)[None], cache=fresh)
-    for kept, ref in zip(session.cache, fresh):
-        assert kept.offset == ref.offset == len(session.tokens)
-        for a, b in zip(kept.keys_and_values(), ref.keys_and_values()):
-            assert mx.allclose(a, b, atol=1e-4).item()
+    fresh, n = make_prompt_cache(session.model), len(session.tokens)
+    session.model(mx.array(session.tokens)[None], cache=fresh)
+    assert session.cache.offset == fresh[0].offset == n
+    for kept, ref in zip([*session.cache.keys, *session.cache.values], [c.state[i] for i in (0, 1) for c in fresh]):
+        assert mx.allclose(kept[..., :n, :], ref[..., :n, :], atol=1e-4).item()
 
 
-def test_second_turn_prefills_only_its_new_tokens(tokenizer):
+def test_second_turn_prefills_only_its_new_tokens(tokenizer, fed):
     session = make_session(tokenizer, system="Be brief.")
     say(session, "Hello world!", max_tokens=12)
     first, cached = session.last_turn, list(session.tokens)
@@ -64,7 +63,7 @@ def test_second_turn_prefills_only_its_new_tokens(tokenizer):
     so_far = first.prompt_tokens + first.generation_tokens - (first.finish_reason == "stop")  # EOS is not kept
     assert so_far - 1 <= len(cached) <= so_far  # the last sampled token may not have gone through the model yet
 
-    session.model.fed.clear()
+    fed.clear()
     say(session, "The capital of France is", max_tokens=12)
     second = session.last_turn
     # The new tokens are exactly the text the template appends: the end of the reply, the user turn, the cue.
@@ -74,8 +73,8 @@ def test_second_turn_prefills_only_its_new_tokens(tokenizer):
     assert second.reused == len(cached) and second.prefilled == second.prompt_tokens - len(cached)
     assert second.prefilled <= len(new_ids) + 1 < second.prompt_tokens // 2
     # What the model was actually given: the new tokens, then one token per decode step.
-    assert session.model.fed[0] <= second.prefilled
-    assert sum(session.model.fed) <= second.prefilled + second.generation_tokens
+    assert fed[0] <= second.prefilled
+    assert sum(fed) <= second.prefilled + second.generation_tokens
     assert_cache_is_full_prefill(session)
 
 
@@ -109,6 +108,61 @@ def test_generated_ids_are_kept_not_re_encoded(tokenizer):
     before = tok.apply_chat_template([{"role": "user", "content": "Hello world!"}]) + "Hel"
     assert turn.prefilled == len(tok.encode(rendered[len(before) :], bos=False))
     assert_cache_is_full_prefill(session)
+
+
+@pytest.mark.parametrize("system", [None, "Be brief."], ids=["no-system", "system"])
+@pytest.mark.parametrize(("template", "new_text"), [
+    (None, "\n\n{}"), (INSTRUCT_CHAT_TEMPLATE, "</s>\n<|user|>\n{}</s>\n<|assistant|>\n")], ids=["base", "instruct"])
+def test_each_turn_prefills_only_its_new_message(tokenizer, template, new_text, system, tmp_path):
+    # The conversation is rendered as the model saw it, turn after turn: a turn's prompt is everything the model
+    # was given or generated so far (the generated ids as sampled), then the new message with the format's
+    # separators (``new_text``), and only that goes through the model. A base model (no template) continues the
+    # text: its reply follows the message it answers directly, with the space SentencePiece drops at a text's start.
+    tok = Tokenizer(tokenizer.sp, chat_template=template)
+    script: list[int] = []
+
+    def scripted(logprobs):
+        return mx.array([script.pop(0) if script else tok.eos_id])  # EOS once the script is out
+
+    session = make_session(tok, system=system)
+    seen: list[int] = []  # what the model was given or generated so far
+    turns = [("The capital of France is", "Paris.", "stop"), ("Hello world!", "Hello, world.", "length"),
+             ("for i in range(10):", "print(i * 2)", "stop")]
+    for i, (message, reply, finish) in enumerate(turns):
+        reply_ids, held = tok.encode(reply, bos=False), list(session.tokens)
+        script[:] = reply_ids + [tok.eos_id] * (finish == "stop")
+        steps = len(script)
+        before = tok.apply_chat_template(session.messages[:-1]) + session.messages[-1]["content"] if i else ""
+        shown, _ = say(session, message, max_tokens=steps, sampler=scripted)
+        turn = session.last_turn
+        rendered = tok.apply_chat_template(session.messages[:-1])
+        prompt = tok.encode(rendered)
+        assert shown == reply and turn.finish_reason == finish and turn.generation_tokens == steps
+        assert session.messages[-1] == {"role": "assistant", "content": (" " if template is None else "") + reply}
+        if i:
+            assert rendered == before + new_text.format(message)  # only the new message and its separators
+            new_ids = prompt[len(tok.encode(before)) :]
+            assert session.tokens[: turn.prompt_tokens] == seen + new_ids
+            assert held == seen[: len(held)] and len(seen) - 1 <= len(held)  # the last sampled id may be unfed
+            assert turn.reused == len(held) and turn.prefilled == len(new_ids) + len(seen) - len(held)
+        else:
+            assert turn.prefilled == turn.prompt_tokens and session.tokens[: turn.prompt_tokens] == prompt
+        kept = session.tokens[turn.prompt_tokens :]  # the reply's ids as generated (the last may be unfed)
+        assert kept == reply_ids[: len(kept)] and len(kept) >= len(reply_ids) - 1
+        seen = session.tokens[: turn.prompt_tokens] + reply_ids  # the generated ids, not their text re-encoded
+        if template is None:  # no template: the rendering encodes to exactly the ids the model saw
+            assert tok.encode(rendered + session.messages[-1]["content"]) == seen
+    assert_cache_is_full_prefill(session)
+
+    # Saved and loaded, it renders the same; for a base model a fresh cache then prefills the very ids the model saw.
+    other = make_session(tok)
+    other.load(session.save(tmp_path / "chat.json"))
+    assert other.messages == session.messages
+    if template is None:
+        for s in (session, other):
+            script[:] = [tok.eos_id]
+            say(s, "Bye.", sampler=scripted)
+        assert other.last_turn.reused == 0 and other.tokens == session.tokens
 
 
 def test_context_fills_old_turns_are_dropped_and_chat_keeps_answering(tokenizer):

@@ -4,10 +4,12 @@ import mlx.core as mx
 import mlx.nn as nn
 import pytest
 from decode_util import ids, model_for, step_vs_model
+from mlx_lm.models.cache import make_prompt_cache
 from tiny import tiny_args
 
-import mlx_openelm.cpu_kernels as ck
+import mlx_openelm.linear as lin
 from mlx_openelm import generate_step, make_cache, random_model
+from mlx_openelm.cpu_kernels import CpuKernels
 from mlx_openelm.decode import DecodeStep, FastKernels, attention_window, resolve_kernels
 
 ON_CPU = mx.default_device().type == mx.cpu
@@ -49,16 +51,16 @@ def test_auto_picks_the_kernels_of_the_default_device():
 @pytest.mark.parametrize("lanes", [2, 3, 5])
 @pytest.mark.parametrize("dtype", ["float32", "4-bit"])
 def test_lanes_split_matmuls_by_rows_and_change_nothing(monkeypatch, lanes, dtype):
-    monkeypatch.setattr(ck, "MIN_SPLIT", 0)  # split every matmul, however small
+    monkeypatch.setattr(lin, "MIN_SPLIT", 0)  # split every matmul, however small
     model = model_for(32, dtype, base=10100.0 + lanes)
     tokens = ids(2, 40, seed=4)
     outs = []
     for n in (1, lanes):
         cache = make_cache(model)
-        step = DecodeStep(model, cache, lanes=n, kernels="cpu")
+        step = DecodeStep(model, lanes=n, kernels="cpu")
         assert len(step.params["layers"][1]["linears"][2]) == n  # proj_1 really is cut into n row blocks
-        step.prefill(tokens[:, :20])
-        outs.append(mx.concatenate([step(tokens[:, i : i + 1])[:, None] for i in range(20, 40)], axis=1))
+        step.prefill(cache, tokens[:, :20])
+        outs.append(mx.concatenate([step(cache, tokens[:, i : i + 1])[:, None] for i in range(20, 40)], axis=1))
         assert not step.fallback
     assert mx.allclose(outs[0], outs[1], atol=1e-5, rtol=1e-5)
 
@@ -66,7 +68,7 @@ def test_lanes_split_matmuls_by_rows_and_change_nothing(monkeypatch, lanes, dtyp
 def test_row_cuts_cover_every_row_once():
     for rows in (1, 7, 64, 1000):
         for n in range(1, min(rows, 9) + 1):
-            cut = ck.row_cuts(rows, n)
+            cut = lin.row_cuts(rows, n)
             assert cut[0] == 0 and cut[-1] == rows and len(cut) == n + 1 and all(a < b for a, b in zip(cut, cut[1:]))
 
 
@@ -74,25 +76,25 @@ def test_row_cuts_cover_every_row_once():
 def test_compiled_step_matches_the_model_for_512_tokens_across_capacity_growth(batch):
     model = _model(rope_freq_constant=10001.0 + batch)
     tokens = ids(batch, 8 + 512, seed=batch)
-    plain, fast = make_cache(model), make_cache(model)
+    plain, fast = make_prompt_cache(model), make_cache(model)
     model(tokens[:, :7], cache=plain)
-    step = DecodeStep(model, fast)
-    step.prefill(tokens[:, :7])
+    step = DecodeStep(model)
+    step.prefill(fast, tokens[:, :7])
     for i in range(7, tokens.shape[1]):
         a = model(tokens[:, i : i + 1], cache=plain)[:, -1]
-        b = step(tokens[:, i : i + 1])
+        b = step(fast, tokens[:, i : i + 1])
         assert mx.abs(a - b).max().item() < 1e-4 and mx.array_equal(a.argmax(-1), b.argmax(-1)).item()
     # Capacity grew 256 -> 512 -> 768 one token at a time, the attention window in steps of 64 and 256.
-    assert fast[0].keys.shape[2] == 768 and fast[0].offset == 8 + 512
+    assert fast.capacity == 768 and fast.offset == 8 + 512
     assert step.traces == _traces_expected(range(8, 8 + 512), lambda n: max(256, -(-n // 256) * 256)) == 9
 
 
-def test_compiled_and_uncompiled_generation_give_the_same_512_greedy_tokens():
+def test_the_step_compiled_op_by_op_and_the_models_forward_give_the_same_512_greedy_tokens():
     model = _model(rope_freq_constant=10004.0)
     prompt = ids(1, 8)[0]
     fast = [t for t, _ in generate_step(prompt, model, max_tokens=512)]
-    plain = [t for t, _ in generate_step(prompt, model, max_tokens=512, compile=False)]
-    assert fast == plain
+    assert fast == [t for t, _ in generate_step(prompt, model, max_tokens=512, compile=False)]
+    assert fast == [t for t, _ in generate_step(prompt, model, max_tokens=512, prompt_cache=make_prompt_cache(model))]
 
 
 def test_one_trace_serves_every_generation_sized_within_one_capacity():
@@ -102,8 +104,8 @@ def test_one_trace_serves_every_generation_sized_within_one_capacity():
         assert len(list(generate_step(prompt, model, max_tokens=n))) == n
     cache = make_cache(model)
     list(generate_step(runs[0][0], model, max_tokens=200, prompt_cache=cache))
-    assert cache[0].keys.shape[2] == 256
-    assert DecodeStep(model, make_cache(model)).traces == _traces_expected(range(8, 8 + 200), lambda n: 256) == 4
+    assert cache.capacity == 256
+    assert DecodeStep(model).traces == _traces_expected(range(8, 8 + 200), lambda n: 256) == 4
 
 
 def test_falls_back_to_the_model_path_when_compiling_fails(monkeypatch):
@@ -121,7 +123,7 @@ def test_falls_back_to_the_model_path_when_compiling_fails(monkeypatch):
         tokens = [t for t, _ in generate_step(prompt, model, max_tokens=24)]
     warned = [str(w.message) for w in caught if "model's own forward pass" in str(w.message)]
     assert len(warned) == 1 and "compile is not supported" in warned[0]
-    assert tokens == [t for t, _ in generate_step(prompt, model, max_tokens=24, compile=False)]
+    assert tokens == [t for t, _ in generate_step(prompt, model, max_tokens=24, prompt_cache=make_prompt_cache(model))]
 
 
 def _fails_when_evaluated(q, keys, values, mask):
@@ -135,21 +137,21 @@ def _fails_when_evaluated(q, keys, values, mask):
 def test_falls_back_when_a_kernel_fails_at_evaluation(monkeypatch, compile, prefill):
     # The failure surfaces at the first call that evaluates the broken kernel: a prefill chunk (eager), or a step
     # (compiled or eager). Either way the step warns once and gives the model's own logits from then on.
-    for kernels in (ck.CpuKernels, FastKernels):
+    for kernels in (CpuKernels, FastKernels):
         monkeypatch.setattr(kernels, "attend", lambda self, *a: _fails_when_evaluated(*a))
     model = _model(rope_freq_constant=10012.0 + 2 * compile + prefill)  # a fresh plan: traced with the patch
     tokens = ids(1, 12, seed=8)
-    plain = make_cache(model)
-    step = DecodeStep(model, make_cache(model), compile=compile)
+    plain, cache = make_prompt_cache(model), make_cache(model)
+    step = DecodeStep(model, compile=compile)
     expected, got = [], []
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         if prefill:
             expected.append(model(tokens[:, :8], cache=plain)[:, -1])
-            got.append(step.prefill(tokens[:, :8]))
+            got.append(step.prefill(cache, tokens[:, :8]))
         for i in range(8 if prefill else 0, 12):
             expected.append(model(tokens[:, i : i + 1], cache=plain)[:, -1])
-            got.append(step(tokens[:, i : i + 1]))
+            got.append(step(cache, tokens[:, i : i + 1]))
     warned = [str(w.message) for w in caught if "model's own forward pass" in str(w.message)]
     assert len(warned) == 1 and "Inverse" in warned[0] and step.fallback
     assert all(mx.array_equal(a, b).item() for a, b in zip(expected, got))

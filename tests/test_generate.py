@@ -76,7 +76,7 @@ def test_prompt_cache_continues_a_conversation(model):
     cache = make_cache(model)
     out = _tokens(model, first, max_tokens=6, prompt_cache=cache)
     # The cache holds the prompt and every generated token but the last, which the next prompt starts with.
-    assert cache[0].offset == 10 + 5
+    assert cache.offset == 10 + 5
     follow = mx.concatenate([mx.array(out[-1:], dtype=mx.uint32), more])
     again = _tokens(model, follow, max_tokens=6, prompt_cache=cache)
     whole = mx.concatenate([first, mx.array(out, dtype=mx.uint32), more])

@@ -8,7 +8,7 @@ from mlx_lm.utils import get_total_parameters
 from numpy_reference import forward
 from tiny import TINY_CONFIG, tiny_args
 
-from mlx_openelm import Model, make_cache, preset, random_model
+from mlx_openelm import Model, preset, random_model
 
 
 def _tiny(dtype="float32", seed=0):
@@ -55,7 +55,7 @@ def test_incremental_decoding_matches_full_forward_across_cache_growth(batch):
     length = 262  # the cache grows in steps of 256: cross that boundary one token at a time
     tokens = _tokens(batch=batch, length=length, seed=1)
     full = model(tokens)
-    cache = make_cache(model)
+    cache = make_prompt_cache(model)  # the model's own forward pass runs over mlx-lm's per-layer caches
     prompt = 250
     parts = [model(tokens[:, :prompt], cache=cache)]
     for i in range(prompt, length):
@@ -68,7 +68,7 @@ def test_incremental_decoding_matches_full_forward_across_cache_growth(batch):
 def test_cache_trim_and_state():
     model = _tiny()
     tokens = _tokens(length=10)
-    cache = make_cache(model)
+    cache = make_prompt_cache(model)
     model(tokens, cache=cache)
     assert [c.trim(3) for c in cache] == [3] * 3 and cache[0].offset == 7
     keys, values, offset = cache[0].state

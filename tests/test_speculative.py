@@ -6,6 +6,7 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 import pytest
+from mlx_lm.models.cache import make_prompt_cache
 from tiny import tiny_args
 from trained_model import load_checkpoint
 
@@ -26,12 +27,11 @@ def _tokens(steps):
 
 def _assert_cache_holds(model, cache, ids):
     # The cache built pass by pass, with rejected positions trimmed, equals one prefill of exactly ``ids``.
-    fresh = make_cache(model)
+    fresh, n = make_prompt_cache(model), len(ids)
     model(mx.array(ids)[None], cache=fresh)
-    for kept, ref in zip(cache, fresh):
-        assert kept.offset == ref.offset == len(ids)
-        for a, b in zip(kept.state[:2], ref.state[:2]):
-            assert mx.allclose(a[..., : len(ids), :], b[..., : len(ids), :], atol=1e-4).item()
+    assert cache.offset == fresh[0].offset == n
+    for kept, ref in zip([*cache.keys, *cache.values], [c.state[i] for i in (0, 1) for c in fresh]):
+        assert mx.allclose(kept[..., :n, :], ref[..., :n, :], atol=1e-4).item()
 
 
 @pytest.fixture(scope="module")
@@ -125,14 +125,14 @@ def test_the_context_limit_cuts_as_in_plain_decoding(mode):
 def test_prompt_lookup_drafts_what_followed_the_last_ngram():
     lookup = PromptLookup(2)
     lookup.extend([5, 6, 7, 8, 9, 5, 6])
-    assert lookup.propose(3) == [7, 8, 9]
+    assert lookup.lookup(3) == [7, 8, 9]
     lookup.extend([1, 2])
-    assert lookup.propose(3) == []  # (1, 2) never occurred before
+    assert lookup.lookup(3) == []  # (1, 2) never occurred before
     lookup.extend([5, 6])
-    assert lookup.propose(2) == [1, 2]  # the latest earlier occurrence of (5, 6)
+    assert lookup.lookup(2) == [1, 2]  # the latest earlier occurrence of (5, 6)
     repeat = PromptLookup(1)
     repeat.extend([4, 4, 4, 4])
-    assert repeat.propose(2) == [4, 4]  # the latest occurrence is followed by one token only: an earlier one
+    assert repeat.lookup(2) == [4, 4]  # the latest occurrence is followed by one token only: an earlier one
 
 
 def test_bad_drafts_are_one_clear_error_before_any_work():
@@ -210,4 +210,4 @@ def test_chat_turns_decode_speculatively_with_the_same_replies(memorizer, spec):
     assert 0 < fast.last_turn.acceptance_rate <= 1 and fast.last_turn.tokens_per_pass >= 1
     assert "of drafted tokens accepted" in format_stats(fast.last_turn)
     if spec.get("draft"):
-        assert [c.offset for c in fast.draft_cache] == [c.offset for c in fast.cache] == [len(fast.tokens)] * 3
+        assert fast.draft_cache.offset == fast.cache.offset == len(fast.tokens)

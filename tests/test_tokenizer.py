@@ -88,6 +88,24 @@ def test_base_model_prompt_is_plain_completion(model_path):
     assert tok.apply_chat_template([{"role": "user", "content": "The capital of France is"}]) == (
         "The capital of France is")
     assert tok.apply_chat_template(CHAT[:2]) == "SYSTEM\n\nHELLO"
+    # A reply follows the text it continues; the blank line goes before each new message. So every prompt plus its
+    # reply starts the next prompt, and there is no cue for the reply to come.
+    assert tok.apply_chat_template(CHAT) == "SYSTEM\n\nHELLOREPLY\n\nQ2"
+    for n in range(1, len(CHAT) + 1):
+        assert tok.apply_chat_template(CHAT[:n], add_generation_prompt=False) == tok.apply_chat_template(CHAT[:n])
+        assert tok.apply_chat_template(CHAT).startswith(tok.apply_chat_template(CHAT[:n]))
+    assert tok.apply_chat_template(CHAT[1:]) == "HELLOREPLY\n\nQ2"
+
+
+def test_decode_as_continuation_keeps_the_leading_space(model_path, sp):
+    tok = Tokenizer.from_file(model_path)
+    ids = tok.encode("Paris. Hello world!", bos=False)
+    assert sp.id_to_piece(ids[0]).startswith("\u2581")
+    assert tok.decode(ids) == "Paris. Hello world!" and tok.decode(ids, continuation=True) == " Paris. Hello world!"
+    assert tok.decode([tok.bos_id, *ids], continuation=True) == " Paris. Hello world!"  # a control id first
+    for text in HARD_STRINGS:  # what follows "x" decodes to exactly what "x" + it decodes to
+        ids = tok.encode(text, bos=False)
+        assert "x" + tok.decode(ids, continuation=True) == tok.decode(tok.encode("x", bos=False) + ids)
 
 
 def test_load_tokenizer_template_sources(tmp_path, converted):

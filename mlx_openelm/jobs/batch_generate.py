@@ -22,12 +22,15 @@ from typing import Any
 
 import mlx.core as mx
 
-from ..batch import BatchDecoder
-from ..generate import TextAssembler
+from ..batch import BatchEngine, Sequence
+from ..hub import resolve_model
+from ..load import check_folder
 from ..sample import make_logits_processors, make_sampler
+from ..tokenizer_fetch import load_tokenizer
 from .distributed import gather, group
 from .inputs import read_jsonl
 
+DEFAULTS = {"max_tokens": 256, "temperature": 0.0, "top_p": 1.0, "top_k": 0, "min_p": 0.0}
 OPTIONS = {"max_tokens": int, "temperature": (int, float), "top_p": (int, float), "top_k": int, "min_p": (int, float),
            "seed": int, "repetition_penalty": (int, float)}
 PREFILL_CHUNK = 512
@@ -98,6 +101,15 @@ def read_items(path: str | Path, tokenizer: Any, max_context: int, defaults: dic
     return items
 
 
+def check_job(model: str | Path, input_path: str | Path, defaults: dict[str, Any] | None = None) -> Path:
+    """Every input line checked against the model's tokenizer and context before its weights load (each problem
+    one error naming the line); returns the model's folder."""
+    folder = resolve_model(model)
+    read_items(input_path, load_tokenizer(folder), check_folder(folder).max_context_length,
+               {**DEFAULTS, **(defaults or {})})
+    return folder
+
+
 def done_ids(path: Path) -> list[Any]:
     """The ids already in the output (a trailing partial line, from a killed run, is cut off first)."""
     if not path.exists():
@@ -117,32 +129,31 @@ def done_ids(path: Path) -> list[Any]:
 
 
 def decode_items(model: Any, tokenizer: Any, items: list[Item], batch_size: int) -> list[dict[str, Any]]:
-    """Results for ``items`` in their order, decoded with continuous batching (``batch_size`` rows at most)."""
-    batch = BatchDecoder(model)
+    """Results for ``items`` in their order, decoded with continuous batching (``batch_size`` rows at most): each
+    group of new prompts is prefilled together, then decoding resumes."""
+    engine = BatchEngine(model)
     waiting = deque(enumerate(items))
     results: list[dict | None] = [None] * len(items)
-    while waiting or batch.rows:
-        joining = []
-        while waiting and len(batch.rows) + len(joining) < batch_size:
+    index, parts = {}, {}
+    while waiting or engine.active:
+        joining = 0
+        while waiting and engine.active < batch_size:
             i, item = waiting.popleft()
-            joining.append((i, item, batch.prefill(item.ids, item.budget)))
-        while any(pre.remaining for *_, pre in joining):  # the new prompts prefilled together
-            batch.advance([pre for *_, pre in joining], max(64, PREFILL_CHUNK // len(joining)))
-        for i, item, pre in joining:
             o = item.options
-            sampler = make_sampler(o["temperature"], o["top_p"], o["top_k"], o["min_p"], o.get("seed"))
-            batch.join(pre, sampler, make_logits_processors(o.get("repetition_penalty")),
-                       tag=(i, item, TextAssembler(tokenizer, item.stop, item.budget), []))
-        finished = []
-        for row, token in zip(list(batch.rows), batch.step()):
-            i, item, assembler, parts = row.tag
-            text, reason = assembler.add(token)
-            parts.append(text)
-            if reason:
-                results[i] = {"id": item.id, "text": "".join(parts), "finish_reason": reason,
-                              "prompt_tokens": len(item.ids), "completion_tokens": assembler.kept}
-                finished.append(row)
-        batch.leave(finished)
+            seq = Sequence(tokenizer, item.ids, item.budget, item.stop,
+                           make_sampler(o["temperature"], o["top_p"], o["top_k"], o["min_p"], o.get("seed")),
+                           make_logits_processors(o.get("repetition_penalty")))
+            index[seq], parts[seq] = (i, item), []
+            engine.add(seq)
+            joining += 1
+        while engine.prefilling:
+            engine.prefill(max(64, PREFILL_CHUNK // joining))
+        for seq, text in engine.decode():
+            parts[seq].append(text)
+            if seq.finish_reason:
+                i, item = index.pop(seq)
+                results[i] = {"id": item.id, "text": "".join(parts.pop(seq)), "finish_reason": seq.finish_reason,
+                              "prompt_tokens": len(item.ids), "completion_tokens": seq.generated}
     return results
 
 
@@ -152,7 +163,7 @@ def batch_generate(model: Any, tokenizer: Any, input_path: str | Path, output_pa
     """Generate for every input line not yet in the output; returns counts (written, skipped, tokens)."""
     if batch_size < 1:
         raise ValueError(f"--batch-size must be >= 1, got {batch_size}")
-    defaults = {"max_tokens": 256, "temperature": 0.0, "top_p": 1.0, "top_k": 0, "min_p": 0.0, **(defaults or {})}
+    defaults = {**DEFAULTS, **(defaults or {})}
     items = read_items(input_path, tokenizer, model.args.max_context_length, defaults)
     g = group()
     output = Path(output_path).expanduser()

@@ -20,6 +20,9 @@ from typing import Any
 import mlx.core as mx
 import numpy as np
 
+from ..bench import check_output
+from ..hub import resolve_model
+from ..load import check_folder
 from .distributed import gather, group, my_batches
 from .inputs import documents
 
@@ -46,6 +49,12 @@ class PerplexityResult:
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
+    def summary(self) -> str:
+        """The figures in one line, for a terminal."""
+        return (f"perplexity {self.ppl:.4f} (nll {self.nll:.5f}) over {self.tokens} tokens in {self.windows} windows "
+                f"of {self.seq_len} (stride {self.stride}); {self.ranks} process(es), {self.tokens_per_second:.1f} "
+                f"tok/s, peak memory {self.peak_memory_bytes / 1e9:.3f} GB")
+
 
 def windows(n: int, seq_len: int, stride: int) -> list[tuple[int, int, int]]:
     """``(start, end, first scored)`` windows over ``n`` tokens. Position 0 (BOS) is never scored, every other
@@ -69,6 +78,18 @@ def check_settings(seq_len: int, stride: int | None, batch_size: int, max_contex
     if batch_size < 1:
         raise ValueError(f"--batch-size must be >= 1, got {batch_size}")
     return stride
+
+
+def check_job(model: str | Path, data: str | Path, *, seq_len: int = 512, stride: int | None = None,
+              batch_size: int = 4, json_path: str | Path | None = None) -> Path:
+    """Everything a perplexity run can reject, before the model's weights load: the JSON path, the data, the window
+    settings against the model's config. Returns the model's folder."""
+    if json_path is not None:
+        check_output(json_path)
+    documents(data)
+    folder = resolve_model(model)
+    check_settings(seq_len, stride, batch_size, check_folder(folder).max_context_length)
+    return folder
 
 
 def window_nll(model: Any, ids: list[list[int]], batch: list[Window]) -> list[tuple[float, int]]:

@@ -26,19 +26,14 @@ def serve(model: str, *, host: str = "127.0.0.1", port: int = 8080, max_batch: i
     except ImportError as e:
         raise ValueError(f'the server needs the serve extra ({e.name} is missing): pip install "mlx-openelm[serve]"'
                          ) from None
-    from ..hub import load
+    from ..hub import generation_options, load
     from .scheduler import Scheduler
 
     for name, value, low in (("--max-batch", max_batch, 1), ("--max-queue", max_queue, 0), ("--port", port, 0)):
         if value < low:
             raise ValueError(f"{name} must be >= {low}, got {value}")
-    draft = None
-    if draft_model is not None:  # the vocabularies are compared from both configs before any weights load
-        from ..hub import load_draft
-        from ..speculative import check_draft
-
-        check_draft(None, None, None, num_draft_tokens)
-        draft = load_draft(draft_model, model)
+    # num_draft_tokens checked, the draft's vocabulary compared with the model's from both configs, before loading
+    draft = generation_options(model, None, draft_model, num_draft_tokens).get("draft_model")
     net, tokenizer = load(model, chat_template=chat_template, adapter_path=adapter_path)
     logging.basicConfig(stream=sys.stderr, level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     scheduler = Scheduler(net, tokenizer, max_batch=max_batch, max_queue=max_queue,

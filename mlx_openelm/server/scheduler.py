@@ -2,7 +2,7 @@
 with decode steps, turns each row's tokens into text events and retires rows that finish or are cancelled.
 
 It knows nothing of HTTP: a :class:`Job` carries token ids and settings in, and events out through a callback
-(the app forwards them to the request's asyncio queue). What a step computes is ``mlx_openelm.batch``.
+(the app forwards them to the request's asyncio queue). What a step computes is ``mlx_openelm.batch``'s engine.
 """
 
 from __future__ import annotations
@@ -12,17 +12,17 @@ import itertools
 import logging
 import threading
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import mlx.core as mx
 
-from ..batch import BatchDecoder, Prefill
-from ..generate import TextAssembler, generate_step
+from ..batch import BatchEngine, Sequence
+from ..cache import PrefixCache
+from ..generate import generate_step
 from ..runner import generation_stream
 from ..sample import make_logits_processors, make_sampler
 from .params import ApiError, Settings
-from .prefix_cache import PrefixCache
 
 log = logging.getLogger("mlx_openelm.server")
 PREFILL_CHUNK = 256  # prompt tokens prefilled between two decode steps (shared by the prompts in flight)
@@ -41,9 +41,6 @@ class Job:
     emit: Callable[[tuple], None]
     id: str = ""
     cancelled: bool = False
-    widest_batch: int = 0
-    reused: int = 0
-    text: TextAssembler | None = field(default=None, repr=False)
 
     def cancel(self) -> None:
         """Stop this request at the next step boundary (its client went away)."""
@@ -91,13 +88,12 @@ class Scheduler:
     # --- the thread -------------------------------------------------------------------------------------------
 
     def _run(self) -> None:
-        self.batch = BatchDecoder(self.model)
-        self.prefilling: list[tuple[Job, Prefill]] = []
-        self.running: dict[int, Job] = {}  # id(row) -> job
+        self.engine = BatchEngine(self.model, self.prefixes)
+        self.jobs: dict[Sequence, Job] = {}
         self._last_batch: tuple = ()
         while True:
             with self._wake:
-                while not (self._stopping or self._waiting or self.prefilling or self.running):
+                while not (self._stopping or self._waiting or self.engine.active):
                     self._wake.wait()
                 if self._stopping:
                     break
@@ -113,22 +109,28 @@ class Scheduler:
                     job.emit(("error", ApiError(500, f"generation failed ({type(e).__name__}: {e})",
                                                 kind="server_error")))
                     self._done()
+            for seq, job in self.jobs.items():  # a client that went away stops its sequence at this step
+                if job.cancelled:
+                    seq.cancel()
             try:
-                self._prefill_chunk()
-                self._decode_step()
+                # One prefill pass per iteration, between decode steps, for every prompt in flight (together they
+                # get about PREFILL_CHUNK tokens): a long prompt never stalls the running requests.
+                self._events(self.engine.prefill(max(32, PREFILL_CHUNK // max(1, len(self.engine.prefilling)))))
+                self._log_batch()
+                self._events(self.engine.decode())
             except Exception as e:  # noqa: BLE001 - the server stays up: every job in flight gets the error
                 log.exception("decoding failed")
                 self._fail_all(ApiError(500, f"decoding failed ({type(e).__name__}: {e})", kind="server_error"))
-                self.batch = BatchDecoder(self.model)
+                self.engine = BatchEngine(self.model, self.prefixes)
         with self._wake:
             waiting, self._waiting = list(self._waiting), collections.deque()
         self._fail_all(ApiError(503, "the server shut down", kind="server_error", code="shutting_down"), waiting)
         mx.synchronize(generation_stream())  # nothing of this thread's may still run while the process exits
 
     def _fail_all(self, error: ApiError, extra: list[Job] = ()) -> None:
-        for job in [*extra, *(j for j, _ in self.prefilling), *self.running.values()]:
+        for job in [*extra, *self.jobs.values()]:
             job.emit(("error", error))
-        self.prefilling, self.running = [], {}
+        self.jobs = {}
         with self._wake:
             self._active = 0
 
@@ -136,93 +138,63 @@ class Scheduler:
         with self._wake:
             self._active -= n
 
+    def _sequence(self, job: Job) -> Sequence:
+        s = job.settings
+        return Sequence(self.tokenizer, job.ids, job.budget, s.stop,
+                        make_sampler(s.temperature, s.top_p, s.top_k, s.min_p, s.seed),
+                        make_logits_processors(s.repetition_penalty))
+
     def _admit(self, job: Job) -> None:
         if job.cancelled:
             return self._done()
         if self.draft_model is not None:
             self._run_speculative(job)
             return self._done()
-        prefix = self.prefixes.lookup(job.ids)
-        job.reused = 0 if prefix is None else prefix[0][0].shape[2]
-        self.prefilling.append((job, self.batch.prefill(job.ids, job.budget, prefix)))
+        seq = self._sequence(job)
+        self.jobs[seq] = job
+        self.engine.add(seq)
         return None
 
-    def _prefill_chunk(self) -> None:
-        # One pass per iteration, between decode steps, for every prompt in flight (together they get about
-        # PREFILL_CHUNK tokens): a long prompt never stalls the running requests.
-        if not self.prefilling:
-            return
-        live = [pre for job, pre in self.prefilling if not job.cancelled]
-        self.batch.advance(live, max(32, PREFILL_CHUNK // max(1, len(live))))
-        still = []
-        for job, pre in self.prefilling:
-            if job.cancelled:
-                self._done()
-            elif pre.remaining:
-                still.append((job, pre))
-            else:
-                s = job.settings
-                row = self.batch.join(pre, make_sampler(s.temperature, s.top_p, s.top_k, s.min_p, s.seed),
-                                      make_logits_processors(s.repetition_penalty), tag=job)
-                self.running[id(row)] = job
-        self.prefilling = still
-
-    def _decode_step(self) -> None:
-        batch = self.batch
-        gone = [row for row in batch.rows if row.tag.cancelled]
-        if gone:
-            self._leave(gone)
-            for row in gone:
-                log.info("%s cancelled after %d tokens", row.tag.id, row.tag.text.kept if row.tag.text else 0)
-        if not batch.rows:
-            return
-        composition = tuple(r.tag.id for r in batch.rows)
-        if composition != self._last_batch:
+    def _log_batch(self) -> None:
+        composition = tuple(self.jobs[s].id for s in self.engine.running)
+        if composition and composition != self._last_batch:
             log.info("decode batch of %d: %s", len(composition), " ".join(composition))
-            self._last_batch = composition
-        done = []
-        for row, token in zip(list(batch.rows), batch.step()):
-            row.tag.widest_batch = max(row.tag.widest_batch, len(batch.rows))
-            if self._token(row.tag, token):
-                done.append(row)
-        for row in done:
-            self.prefixes.store(row.history, batch.row_cache(row, row.position))
-        self._leave(done)
+        self._last_batch = composition or self._last_batch
 
-    def _leave(self, rows: list) -> None:
-        self.batch.leave(rows)
-        for row in rows:
-            self.running.pop(id(row))
-        self._done(len(rows))
+    def _events(self, events: list) -> None:
+        for seq, text in events:
+            job = self.jobs[seq]
+            if self._emit(job, seq, text):
+                del self.jobs[seq]
+                self._done()
 
-    def _token(self, job: Job, token: int) -> bool:
-        """Turn one generated token into events; True when the job is finished."""
-        if job.text is None:
-            job.text = TextAssembler(self.tokenizer, job.settings.stop, job.budget)
-        text, reason = job.text.add(token)
+    def _emit(self, job: Job, seq: Sequence, text: str) -> bool:
+        """Turn one step's text into events; True when the job is finished."""
+        if seq.finish_reason == "cancelled":
+            log.info("%s cancelled after %d tokens", job.id, seq.generated)
+            return True
         if text:
             job.emit(("text", text))
-        if reason is None:
+        if seq.finish_reason is None:
             return False
-        usage = {"prompt_tokens": len(job.ids), "completion_tokens": job.text.kept,
-                 "total_tokens": len(job.ids) + job.text.kept}
-        job.emit(("done", reason, usage))
+        usage = {"prompt_tokens": len(job.ids), "completion_tokens": seq.generated,
+                 "total_tokens": len(job.ids) + seq.generated}
+        job.emit(("done", seq.finish_reason, usage))
         log.info("%s done: %d prompt tokens (%d from the prompt cache), %d generated, %s; decoded in batches of up "
-                 "to %d", job.id, len(job.ids), job.reused, job.text.kept, reason, job.widest_batch)
+                 "to %d", job.id, len(job.ids), seq.reused, seq.generated, seq.finish_reason, seq.widest_batch)
         return True
 
     def _run_speculative(self, job: Job) -> None:
         # With a draft model, requests are decoded one at a time through speculative decoding (as mlx_lm.server
         # does): verification batches K + 1 positions of one request instead of one position of several.
-        s = job.settings
-        steps = generate_step(mx.array(job.ids), self.model, max_tokens=job.budget,
-                              sampler=make_sampler(s.temperature, s.top_p, s.top_k, s.min_p, s.seed),
-                              logits_processors=make_logits_processors(s.repetition_penalty),
-                              draft_model=self.draft_model, num_draft_tokens=self.num_draft_tokens)
-        job.widest_batch = 1
+        seq = self._sequence(job)
+        seq.widest_batch = 1
+        steps = generate_step(mx.array(job.ids), self.model, max_tokens=job.budget, sampler=seq.sampler,
+                              logits_processors=seq.processors, draft_model=self.draft_model,
+                              num_draft_tokens=self.num_draft_tokens)
         try:
             for token, _ in steps:
-                if job.cancelled or self._stopping or self._token(job, token):
+                if job.cancelled or self._stopping or self._emit(job, seq, seq.add(token)):
                     break
         finally:
             steps.close()
