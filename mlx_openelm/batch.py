@@ -158,7 +158,8 @@ class BatchEngine:
     def _leave(self, rows: list[int]) -> None:
         if not rows:
             return
-        keep = [i for i in range(len(self.running)) if i not in set(rows)]
+        gone = set(rows)
+        keep = [i for i in range(len(self.running)) if i not in gone]
         self.running = [self.running[i] for i in keep]
         self.cache.take(keep)
         mx.eval(self.cache.state)

@@ -4,12 +4,13 @@ others."""
 
 from __future__ import annotations
 
+import mlx.core as mx
 import pytest
 
 from mlx_openelm import load
 from mlx_openelm.batch import BatchEngine, Sequence
 from mlx_openelm.cache import PrefixCache
-from mlx_openelm.generate import stream_generate
+from mlx_openelm.generate import generate_step, stream_generate
 
 TOKENS = 12
 
@@ -87,3 +88,16 @@ def test_a_cancelled_sequence_leaves_and_the_others_finish_as_alone(model_and_id
     assert engine.cache.rows == 2
     out = _decode(engine, [seqs[0], seqs[2]])
     assert out == [_alone(model, tokenizer, ids)[2:] for ids in (prompts[0], prompts[2])]
+
+
+def test_token_id_sequences_need_no_tokenizer_and_end_at_their_budget(model_and_ids):
+    model, tokenizer, prompts = model_and_ids
+    engine = BatchEngine(model)
+    seq = Sequence(None, prompts[2], 5)
+    engine.add(seq)
+    engine.prefill(512)
+    texts = [text for s, text in engine.decode() + engine.decode() + engine.decode() + engine.decode()]
+    assert seq.finish_reason is None and texts == [""] * 4
+    engine.decode()
+    assert seq.finish_reason == "length" and not engine.running and seq.generated == 5
+    assert seq.tokens == [t for t, _ in generate_step(mx.array(prompts[2]), model, max_tokens=5)]
