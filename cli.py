@@ -307,6 +307,42 @@ def batch_command(
                    f"{counts['completion_tokens']} tokens generated on {counts['ranks']} process(es)")
 
 
+@app.command("eval")
+def eval_command(
+    model: ModelName,
+    tasks: Annotated[str | None, typer.Option(help="lm-eval tasks, comma-separated (default: the paper's seven: "
+                                                   "arc_challenge,arc_easy,boolq,hellaswag,piqa,sciq,winogrande).")]
+    = None,
+    include_path: Annotated[Path | None, typer.Option(help="A folder of your own task YAMLs.")] = None,
+    limit: Annotated[float | None, typer.Option(help="Examples per task (below 1: a fraction).")] = None,
+    num_fewshot: Annotated[int | None, typer.Option(help="Few-shot examples (default: each task's).")] = None,
+    batch_size: Annotated[int, typer.Option(help="Sequences per forward pass.")] = 8, dtype: JobDtype = "auto",
+    output: Annotated[Path | None, typer.Option("--output", "-o", help="Write the results to this JSON file.")]
+    = None,
+) -> None:
+    """Zero-shot (or few-shot) accuracy on lm-evaluation-harness tasks, beside Apple's published figures."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from mlx_openelm import load
+    from mlx_openelm.bench import write_json
+    from mlx_openelm.evaluate import check_job, evaluate, results_table
+
+    names, manager = check_job(tasks, include_path, output)
+    net, tokenizer = load(model, dtype=dtype)
+    with progress_bar("evaluating") as update:
+        results = evaluate(net, tokenizer, names, manager, limit=limit, num_fewshot=num_fewshot,
+                           batch_size=batch_size, progress=lambda what, done, total: update(done, total, what))
+    headers, rows = results_table(results, model)
+    table = Table(*headers)
+    for row in rows:
+        table.add_row(*row)
+    Console().print(table)
+    if output:
+        write_json(output, {"model": model, **results})
+        typer.echo(f"wrote {output}")
+
+
 def main() -> None:
     """Console-script entry point: user errors become one line and a non-zero exit."""
     try:

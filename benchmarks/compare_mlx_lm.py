@@ -27,7 +27,16 @@ from mlx_lm.generate import generation_stream as mlx_lm_stream
 from mlx_lm.utils import load_model as mlx_lm_load_model
 
 from mlx_openelm import load_model, preset, save
-from mlx_openelm.bench import check_counts, check_output, model_bytes, prepare_model, time_generation, write_json
+from mlx_openelm.bench import (
+    check_counts,
+    check_output,
+    device_label,
+    model_bytes,
+    prepare_model,
+    time_generation,
+    write_json,
+)
+from mlx_openelm.decode import describe
 from mlx_openelm.device import device_info
 
 RESULTS = Path(__file__).parent / "results"
@@ -104,7 +113,7 @@ def compare(args: argparse.Namespace) -> dict[str, Any]:
         "prompt_tokens": args.prompt_tokens, "gen_tokens": args.gen_tokens, "trials": runs, "median": median,
         "ratio": ratio, "model_bytes": {"mlx-openelm": model_bytes(ours), "mlx-lm": model_bytes(theirs)},
         "identical_tokens": tokens["mlx-openelm"] == tokens["mlx-lm"], "prompt_logits_max_abs_diff": logits_diff,
-        "tokens": tokens["mlx-openelm"][0], "device": device_info(),
+        "tokens": tokens["mlx-openelm"][0], "device": device_info(), "decode": describe(),
         "acceptance": {k: (ratio[k] >= v if op == ">=" else ratio[k] <= v) for k, (op, v) in THRESHOLDS.items()},
     }
 
@@ -144,8 +153,8 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     d = record["device"]
     print(f"{record['model']} {record['dtype']}{quant}: {args.prompt_tokens} prompt + {args.gen_tokens} generated "
-          f"tokens, median of {args.trials} alternating trials; {d.get('chip') or d.get('cpu_model')}, "
-          f"MLX {d['mlx_version']} ({d['backend']})")
+          f"tokens, median of {args.trials} alternating trials; {device_label(d)}, "
+          f"MLX {d['mlx_version']} ({d['backend']}; {record['decode']['kernels']} kernels)")
     print(table(record))
     print(f"identical greedy tokens: {record['identical_tokens']} ({len(set(record['tokens']))} distinct ids); "
           f"prompt logits max |difference| {record['prompt_logits_max_abs_diff']:.3g}")

@@ -1,11 +1,14 @@
-"""The GPU suite: one command for a machine with an NVIDIA GPU, sized to finish in under 8 minutes there.
+"""The GPU suite: one command for a machine with an NVIDIA GPU, sized to finish in about 8 minutes there.
 
 1. a fresh virtual environment with the ``cuda`` and ``test`` extras (``--wheels DIR`` installs offline from
    downloaded wheels: such machines often reach no package index);
 2. the test suite on the GPU default device (``mlx[cuda]`` makes the GPU the default; the header pytest prints
-   names the device);
-3. ``compare_mlx_lm.py`` for OpenELM-270M, 1.1B and 3B in bfloat16 and 4-bit;
-4. ``overhead.py`` (structure-only models with the real 32000-token vocabulary);
+   names the device), with ``MLX_ENABLE_TF32=0``: the float32 bounds (1e-4) hold only without TF32;
+3. ``tf32_error.py``: how far TF32 (MLX's default on CUDA) moves float32 logits, reported apart;
+4. ``variants.py``: each kernel set and attention variant against mlx-lm, decode and prefill, and which one
+   ``auto`` should pick on this device;
+5. ``compare_mlx_lm.py`` for OpenELM-270M, 1.1B and 3B in bfloat16 and 4-bit;
+6. ``overhead.py`` (structure-only models with the real 32000-token vocabulary);
 
 then ``benchmarks/results/cuda-*.json`` and ``cuda-summary.md``, the table for the README. ``--dry-run`` runs every
 step on tiny shapes here on the CPU (the environment reuses this one's packages instead of installing the extra)
@@ -19,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 import sysconfig
@@ -29,27 +33,29 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "benchmarks" / "results"
 SIZES = ("OpenELM-270M", "OpenELM-1_1B", "OpenELM-3B")
-# Seconds allowed per step on the GPU machine; together at most the 8-minute budget (TOTAL), which also cuts a
-# step short when earlier ones ran long.
-BUDGET = {"install": 90, "tests": 150, "compare": 30, "overhead": 50}
-TOTAL = 470
+# Seconds allowed per step on the GPU machine; together at most the budget (TOTAL), which also cuts a step short
+# when earlier ones ran long.
+BUDGET = {"install": 90, "tests": 140, "tf32": 25, "variants": 60, "compare": 25, "overhead": 40}
+TOTAL = 500
+TESTS_ENV = {"MLX_ENABLE_TF32": "0"}  # float32 tests against their 1e-4 bounds: no TF32 (tf32_error.py reports it)
 
 
 START = time.perf_counter()
 
 
-def run(cmd: list[str], timeout: float, log: Path) -> tuple[int, float]:
-    """Run ``cmd`` from the repo root, its output appended to ``log``; ``(exit code, seconds)`` (124: timed out,
-    or no time left of :data:`TOTAL`)."""
+def run(cmd: list[str], timeout: float, log: Path, env: dict[str, str] | None = None) -> tuple[int, float]:
+    """Run ``cmd`` from the repo root (``env`` added to this environment), its output appended to ``log``;
+    ``(exit code, seconds)`` (124: timed out, or no time left of :data:`TOTAL`)."""
     tic = time.perf_counter()
     timeout = min(timeout, TOTAL - (tic - START))
     if timeout <= 0:
         return 124, 0.0
     with open(log, "a") as f:
-        f.write(f"\n$ {' '.join(cmd)}\n")
+        f.write(f"\n$ {' '.join(f'{k}={v}' for k, v in (env or {}).items())} {' '.join(cmd)}\n")
         f.flush()
         try:
-            code = subprocess.run(cmd, cwd=REPO, stdout=f, stderr=subprocess.STDOUT, timeout=timeout).returncode
+            code = subprocess.run(cmd, cwd=REPO, stdout=f, stderr=subprocess.STDOUT, timeout=timeout,
+                                  env={**os.environ, **(env or {})}).returncode
         except subprocess.TimeoutExpired:
             code = 124
     return code, time.perf_counter() - tic
@@ -99,8 +105,16 @@ def main(argv: list[str] | None = None) -> int:
         return finish(steps, out)
     tests = ["tests/test_decode.py", "-k", "follow_the_model and 16 and float32"] if args.dry_run else []
     code, seconds = run([str(python), "-m", "pytest", "-q", "-m", "not registry", "-p", "no:cacheprovider", *tests],
-                        BUDGET["tests"], log)
-    record("tests", code, seconds)
+                        BUDGET["tests"], log, TESTS_ENV)
+    record("tests", code, seconds, env=TESTS_ENV)
+    code, seconds = run([str(python), "benchmarks/tf32_error.py", "--json", str(out / "cuda-tf32.json")],
+                        BUDGET["tf32"], log)
+    record("tf32 error", code, seconds, json="cuda-tf32.json")
+    shape = ["--structure-only", "--prompt-tokens", "16", "--gen-tokens", "4", "--rounds", "1"] if args.dry_run else \
+        ["--prompt-tokens", "1024", "--gen-tokens", "64", "--rounds", "3"]
+    code, seconds = run([str(python), "benchmarks/variants.py", "--preset", SIZES[0], *shape, "--json",
+                         str(out / "cuda-variants.json")], BUDGET["variants"], log)
+    record("variants", code, seconds, json="cuda-variants.json")
     quick = ["--structure-only", "--prompt-tokens", "8", "--gen-tokens", "4", "--trials", "1"] if args.dry_run else \
         ["--prompt-tokens", "128", "--gen-tokens", "128", "--trials", "2"]
     for size in SIZES[:1] if args.dry_run else SIZES:
@@ -135,7 +149,7 @@ def summary(steps: list[dict], out: Path) -> str:
         if s["exit"] or not path.is_file():
             continue
         data = json.loads(path.read_text())
-        if "median" in data:
+        if "median" in data and "mlx-openelm" in data["median"]:  # compare_mlx_lm.py
             m, label = data["median"], s["step"].removeprefix("compare ")
             for key, title in (("prompt_tps", "prompt tok/s"), ("generation_tps", "generation tok/s")):
                 lines.append(f"| {label} {title} | {m['mlx-openelm'][key]:.1f} | {m['mlx-lm'][key]:.1f} "
@@ -144,11 +158,31 @@ def summary(steps: list[dict], out: Path) -> str:
             m = r["median_ms"]
             lines.append(f"| decode step ms, {r['size']} structure, vocab {r['vocab_size']} | {m['mlx-openelm']:.2f} "
                          f"| {m['mlx-lm']:.2f} | {r['ratio']:.2f} |")
+        for name, ratio in data["ratio"].items() if "fastest" in data else ():  # variants.py
+            m = data["median"]
+            lines.append(f"| {data['model']} decode ms/token, {name} | {m[name]['decode_ms']:.2f} "
+                         f"| {m['mlx-lm']['decode_ms']:.2f} | {ratio['decode_ms']:.2f} |")
+            lines.append(f"| {data['model']} prompt tok/s, {name} | {m[name]['prompt_tps']:.1f} "
+                         f"| {m['mlx-lm']['prompt_tps']:.1f} | {ratio['prompt_tps']:.2f} |")
+    notes = []
+    tf32 = out / "cuda-tf32.json"
+    if tf32.is_file():
+        t = json.loads(tf32.read_text())
+        notes.append(f"TF32: float32 logits move by {t['tf32_on_max_abs']:.3g} with TF32 (MLX's default), "
+                     f"{t['tf32_off_max_abs']:.3g} with MLX_ENABLE_TF32=0, under which the tests ran (bound "
+                     f"{t['bound']:g}); rounding the weights alone to TF32: {t['weights_rounded_estimate']:.3g}.")
+    variants = out / "cuda-variants.json"
+    if variants.is_file():
+        v = json.loads(variants.read_text())
+        notes.append(f"auto picks {v['auto']['decode']} for decode and {v['auto']['prefill']} for prefill; fastest "
+                     f"here: {v['fastest']['decode']} and {v['fastest']['prefill']}"
+                     + ("" if all(v["auto_is_fastest"].values()) else " (auto should change on this device)") + ".")
     device = next((json.loads((out / s["json"]).read_text()).get("device") for s in steps
                    if s.get("json") and (out / s["json"]).is_file()), None) or {}
-    head = f"Device: {device.get('device_name') or device.get('cpu_model')}, MLX {device.get('mlx_version')} " \
+    label = device.get("label") or device.get("device_name") or device.get("cpu_model")
+    head = f"Device: {label}, MLX {device.get('mlx_version')} " \
            f"({device.get('backend')}); steps: " + ", ".join(f"{s['step']} {s['seconds']} s" for s in steps)
-    return head + "\n\n" + "\n".join(lines) + "\n"
+    return head + "\n\n" + "\n".join(lines) + "\n" + "".join(f"\n{n}\n" for n in notes)
 
 
 if __name__ == "__main__":

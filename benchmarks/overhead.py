@@ -32,7 +32,7 @@ from mlx_lm.generate import generate_step as mlx_lm_generate_step
 from mlx_lm.utils import load_model as mlx_lm_load_model
 
 from mlx_openelm import generate_step, load_model, preset, random_model, save
-from mlx_openelm.bench import write_json
+from mlx_openelm.bench import device_label, write_json
 from mlx_openelm.device import device_info
 from mlx_openelm.linear import cpu_lanes
 
@@ -136,7 +136,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--json", type=Path, default=None, help="output (default benchmarks/results/overhead*.json)")
     args = p.parse_args(argv)
     device = device_info()
-    print(f"{device.get('chip') or device.get('cpu_model')}, MLX {device['mlx_version']} ({device['backend']}), "
+    print(f"{device_label(device)}, MLX {device['mlx_version']} ({device['backend']}), "
           f"decode lanes {cpu_lanes()}")
     if args.dtype_table:
         record = {"dtype_table": dtype_table(args.steps), "device": device}

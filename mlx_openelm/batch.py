@@ -17,10 +17,11 @@ from typing import Any
 import mlx.core as mx
 import mlx.nn as nn
 
+from . import backend
 from .cache import KVCache, PrefixCache, cache_dtype, make_cache
 from .decode import DecodeStep
 from .generate import TextAssembler
-from .runner import generation_stream
+from .runner import generation_stream, hold_wired_limit
 from .sample import LogitsProcessor, Sampler, choose, greedy
 
 
@@ -39,7 +40,8 @@ class Sequence:
         self.last = self.ids[-1]  # the newest token, not fed yet
         self.reused = 0  # prompt tokens that came from the prefix cache
         self.widest_batch = 0  # the most rows it was decoded with
-        self.finish_reason: str | None = None  # "stop", "length", or "cancelled"
+        self.finish_reason: str | None = None  # "stop", "length", "cancelled", or "error" (then ``error`` says why)
+        self.error: Exception | None = None
         self.cancelled = False
         self.cache: KVCache | None = None  # its own one-row cache while its prompt is prefilled
 
@@ -56,6 +58,10 @@ class Sequence:
     def cancel(self) -> None:
         """Stop at the next step boundary (the client went away)."""
         self.cancelled = True
+
+    def fail(self, error: Exception) -> None:
+        """End it now: its sampler, processors or stop logic raised ``error``."""
+        self.error, self.finish_reason = error, "error"
 
     def add(self, token: int) -> str:
         """Take one generated token: the text it completes (held back near a stop string); sets ``finish_reason``
@@ -81,6 +87,15 @@ class BatchEngine:
         self.cache = KVCache(model.args.num_kv_heads, model.args.head_dim, cache_dtype(model), rows=0)
         self.prefilling: list[Sequence] = []
         self.running: list[Sequence] = []
+        self.steps = 0  # decode steps so far (the buffer cache is trimmed every backend.clear_cache_every())
+        self._old_wired_limit = hold_wired_limit()  # Metal: the weights stay wired until close()
+
+    def close(self) -> None:
+        """Give back what the engine holds for its lifetime (Metal's wired limit). Its drivers call it at their end."""
+        if self._old_wired_limit is not None:
+            mx.synchronize(generation_stream())
+            mx.set_wired_limit(self._old_wired_limit)
+            self._old_wired_limit = None
 
     @property
     def active(self) -> int:
@@ -128,21 +143,64 @@ class BatchEngine:
             return events
         with mx.stream(generation_stream()):
             logits = self.step(self.cache, mx.array([[s.last] for s in self.running], dtype=mx.uint32))
-            chosen = []
+            chosen: list[mx.array | None] = []
             for i, s in enumerate(self.running):
                 s.history.append(s.last)
-                chosen.append(choose(logits[i : i + 1], s.sampler, s.processors, s.history)[0])
-            tokens = mx.concatenate(chosen).tolist()
+                try:
+                    chosen.append(choose(logits[i : i + 1], s.sampler, s.processors, s.history)[0])
+                except Exception as e:  # noqa: BLE001 - one row's sampler or processors fail that row alone
+                    s.fail(e)
+                    chosen.append(None)
+            tokens = self._read(chosen)
+        self.steps += 1
+        every = backend.clear_cache_every()  # rows joining and leaving reallocate whole-batch KV buffers
+        if every and self.steps % every == 0:
+            mx.clear_cache()
         done = []
         for i, (s, token) in enumerate(zip(self.running, tokens)):
-            s.last, s.widest_batch = token, max(s.widest_batch, len(self.running))
-            events.append((s, s.add(token)))
+            s.widest_batch, text = max(s.widest_batch, len(self.running)), ""
+            if s.error is None:
+                s.last = token
+                try:
+                    text = s.add(token)
+                except Exception as e:  # noqa: BLE001 - its stop logic or detokenizer: that row alone
+                    s.fail(e)
+            events.append((s, text))
             if s.finish_reason:
                 done.append(i)
-                if self.prefixes is not None:
+                if self.prefixes is not None and s.error is None:
                     self.prefixes.store(s.history, self.cache.copy_prefix(i, len(s.history)))
         self._leave(done)
         return events
+
+    def _read(self, chosen: list[mx.array | None]) -> list[int | None]:
+        """Each running row's token: one host read when every row is sound. Otherwise (a row failed already, or
+        its choice fails only when evaluated, or is not one token id of the vocabulary) row by row, so that a
+        failing row is failed alone and the others keep the tokens they would have had alone."""
+        if all(c is not None for c in chosen):
+            try:
+                both = mx.concatenate(chosen)
+                if both.shape == (len(chosen),) and mx.issubdtype(both.dtype, mx.integer):
+                    tokens = both.tolist()
+                    if 0 <= min(tokens) and max(tokens) < self.model.args.vocab_size:
+                        return tokens
+            except Exception:  # noqa: BLE001 - found below, row by row
+                pass
+        tokens: list[int | None] = []
+        for s, c in zip(self.running, chosen):
+            token = None
+            if c is not None:
+                try:
+                    value = c.tolist() if isinstance(c, mx.array) else c
+                    if not (isinstance(value, list) and len(value) == 1 and isinstance(value[0], int)
+                            and 0 <= value[0] < self.model.args.vocab_size):
+                        raise ValueError(f"the sampler chose {value!r}, not one token id of the vocabulary of "
+                                         f"{self.model.args.vocab_size}")
+                    token = value[0]
+                except Exception as e:  # noqa: BLE001 - an error that surfaced only at evaluation
+                    s.fail(e)
+            tokens.append(token)
+        return tokens
 
     def _drop_cancelled(self, seqs: list[Sequence]) -> list[Event]:
         gone = [i for i, s in enumerate(seqs) if s.cancelled]

@@ -11,6 +11,7 @@ import json
 import os
 import statistics
 import time
+import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
@@ -24,6 +25,7 @@ from mlx.utils import tree_flatten
 from . import __version__
 from .cache import make_cache
 from .config import ModelArgs, preset
+from .decode import DecodeFallbackWarning, describe
 from .device import device_info, memory_bandwidth
 from .fileio import atomic_write
 from .generate import generate_step
@@ -75,6 +77,9 @@ class BenchResult:
     bandwidth_source: str
     device: dict[str, Any]
     speculative: dict[str, Any] | None = None  # the draft (model label or prompt lookup) and tokens per draft
+    # The decode path that ran: kernel set, attention (decode token / prompt chunk), and whether the step fell back
+    # to the model's own forward pass (then the figures time that slower path), with the reason.
+    decode: dict[str, Any] = field(default_factory=dict)
 
     def median(self, name: str) -> float:
         """Median of a :class:`Trial` field over the timed trials."""
@@ -265,11 +270,18 @@ def bench(
         return memory_bandwidth(device, probe_bytes)
 
     before = measured_bandwidth()
-    warmup = time_generation(model, prompt, gen_tokens, step, progress, "warm-up", speculative=speculative)
-    runs = [
-        time_generation(model, prompt, gen_tokens, step, progress, f"trial {i + 1}/{trials}", speculative=speculative)
-        for i in range(trials)
-    ]
+    with warnings.catch_warnings(record=True) as caught:  # a decode step that falls back says so here
+        warnings.simplefilter("always", DecodeFallbackWarning)
+        warmup = time_generation(model, prompt, gen_tokens, step, progress, "warm-up", speculative=speculative)
+        runs = [
+            time_generation(model, prompt, gen_tokens, step, progress, f"trial {i + 1}/{trials}",
+                            speculative=speculative)
+            for i in range(trials)
+        ]
+    fallbacks = [str(w.message) for w in caught if issubclass(w.category, DecodeFallbackWarning)]
+    for w in caught:
+        if not issubclass(w.category, DecodeFallbackWarning):
+            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
     kv = kv_bytes_per_token(model)
     # Measured before and after the trials, the higher kept: other load on the machine only lowers a reading.
     gbps, source = max(before, measured_bandwidth())
@@ -282,19 +294,23 @@ def bench(
         speculative=speculative and {"draft": draft_label or (
             f"prompt lookup {speculative['prompt_lookup']}" if speculative.get("prompt_lookup") else "draft model"),
             "num_draft_tokens": speculative.get("num_draft_tokens", 3)},
+        decode={**describe(), "fallback": bool(fallbacks), "fallback_reason": fallbacks[0] if fallbacks else None},
     )
 
 
 def result_table(result: BenchResult) -> tuple[list[str], list[list[str]]]:
-    """``(headers, rows)``: one row per trial and a median row, for a terminal table."""
-    headers = ["trial", "prompt tok/s", "gen tok/s", "TTFT (s)", "peak mem (GB)"]
+    """``(headers, rows)``: one row per trial and a median row, for a terminal table; the last column names the
+    kernel set that ran, flagged when the step fell back to the model's own forward pass."""
+    headers = ["trial", "prompt tok/s", "gen tok/s", "TTFT (s)", "peak mem (GB)", "kernels"]
+    kernels = f"{result.decode.get('kernels', '?')}{' FALLBACK' if result.decode.get('fallback') else ''}"
     rows = [
-        [name, f"{t.prompt_tps:.2f}", f"{t.generation_tps:.2f}", f"{t.ttft_s:.3f}", f"{t.peak_memory_bytes / 1e9:.3f}"]
+        [name, f"{t.prompt_tps:.2f}", f"{t.generation_tps:.2f}", f"{t.ttft_s:.3f}", f"{t.peak_memory_bytes / 1e9:.3f}",
+         kernels]
         for name, t in [("warm-up", result.warmup), *((str(i + 1), t) for i, t in enumerate(result.trials))]
     ]
     m = result.median
     rows.append(["median", f"{m('prompt_tps'):.2f}", f"{m('generation_tps'):.2f}", f"{m('ttft_s'):.3f}",
-                 f"{m('peak_memory_bytes') / 1e9:.3f}"])
+                 f"{m('peak_memory_bytes') / 1e9:.3f}", kernels])
     return headers, rows
 
 
@@ -302,8 +318,9 @@ def summary_lines(result: BenchResult) -> list[str]:
     """Model, device, byte counts and roofline as short lines."""
     d = result.device
     precision = f"{result.q_bits}-bit weights, group {result.q_group_size}; " if result.q_bits else ""
-    chip = d.get("chip") or d.get("cpu_model") or d.get("device_name")
-    cores = f", {d['gpu_cores']} GPU cores" if d.get("gpu_cores") else f", {d.get('cpu_count')} CPUs"
+    chip = device_label(d)
+    cores = f", {d['gpu_cores']} GPU cores" if d.get("gpu_cores") else \
+        "" if d.get("backend") == "cuda" else f", {d.get('cpu_count')} CPUs"
     return [
         f"model: {result.model} ({precision}{result.dtype} compute), {result.parameters / 1e6:.1f}M parameters, "
         f"{result.model_bytes / 1e9:.3f} GB; {result.prompt_tokens} prompt + {result.gen_tokens} generated tokens",
@@ -311,9 +328,28 @@ def summary_lines(result: BenchResult) -> list[str]:
         f"decode reads {result.bytes_per_token / 1e9:.3f} GB/token (weights + KV at the midpoint); "
         f"bandwidth {result.bandwidth_gbps:.1f} GB/s ({result.bandwidth_source}); "
         f"roofline reached: {100 * result.roofline_fraction:.1f}%",
+        f"decode path: {decode_path(result.decode)}",
     ] + ([f"speculative decoding ({result.speculative['draft']}, {result.speculative['num_draft_tokens']} draft "
           f"tokens): acceptance {100 * result.median('acceptance_rate'):.1f}%, "
           f"{result.median('tokens_per_pass'):.2f} tokens per target pass"] if result.speculative else [])
+
+
+def device_label(d: dict[str, Any]) -> str | None:
+    """What ran the numbers, from a result's device record (``label``; records written before it existed: the chip
+    or CPU model)."""
+    return d.get("label") or d.get("chip") or d.get("cpu_model") or d.get("device_name")
+
+
+def decode_path(decode: dict[str, Any]) -> str:
+    """``"cpu kernels, mask attention"``, with ``"FALLBACK ..."`` when the step fell back to the model's forward."""
+    if not decode:
+        return "not recorded"
+    attention = decode.get("attention", {})
+    text = f"{decode.get('kernels')} kernels, attention {attention.get('decode')} (decode) / " \
+           f"{attention.get('prefill')} (prefill)"
+    if decode.get("fallback"):
+        text += f"; FALLBACK to the model's own forward pass, these figures time it ({decode.get('fallback_reason')})"
+    return text
 
 
 def check_output(path: str | Path) -> Path:

@@ -64,7 +64,7 @@ class ChatSession:
         model: Any,
         tokenizer: Any,
         system: str | None = None,
-        prefill_step_size: int = 512,
+        prefill_step_size: int | None = None,
         draft_model: Any = None,
         num_draft_tokens: int = 3,
         prompt_lookup: int | None = None,

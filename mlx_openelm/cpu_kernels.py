@@ -66,15 +66,19 @@ class CpuKernels:
         cos, sin = table
         return (qk * lp["qk_norm"] * cos + swap_halves(qk) * lp["qk_norm_swapped"] * sin) * lp["qk_scale"]
 
-    def attend(self, q: mx.array, keys: mx.array, values: mx.array, mask: mx.array) -> mx.array:
+    def attend(self, q: mx.array, keys: mx.array, values: mx.array, mask: mx.array | str | None) -> mx.array:
         """Attention as MLX's CPU attention computes it, with each KV head's query group as the rows of one
-        matmul instead of a broadcast batch of single rows. ``q`` is ``[B, heads, L, D]``, ``mask`` ``[B, L, W]``."""
+        matmul instead of a broadcast batch of single rows. ``q`` is ``[B, heads, L, D]``, ``mask`` ``[B, L, W]``,
+        or ``None`` / ``"causal"`` when ``keys`` are exactly the positions written (the exact path)."""
         B, nq, L, D = q.shape
         nkv, W = keys.shape[1], keys.shape[2]
         q = q.reshape(B, nkv, -1, D)
         if not self.fold_scale:
             q = q * D**-0.5
         scores = (q @ keys.swapaxes(-1, -2)).reshape(B, nkv, -1, L, W)
-        scores = mx.where(mask[:, None, None], scores, mx.array(mx.finfo(scores.dtype).min, scores.dtype))
+        if isinstance(mask, str):  # causal over exact keys: query i sees the keys up to position W - L + i
+            mask = (mx.arange(W)[None] <= mx.arange(L)[:, None] + (W - L))[None]
+        if mask is not None:
+            scores = mx.where(mask[:, None, None], scores, mx.array(mx.finfo(scores.dtype).min, scores.dtype))
         probs = mx.softmax(scores, axis=-1, precise=True).reshape(B, nkv, -1, W)
         return (probs @ values).reshape(B, nq, L, D)

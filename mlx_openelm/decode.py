@@ -7,10 +7,17 @@ in place at each row's position, and attention reads a masked prefix whose lengt
 (:func:`attention_window`), so a new trace is needed only every 64 or 256 tokens. The weights are inputs, not
 constants, so one trace serves every model of the same structure. The numerics follow ``model.py``.
 
-The kernels: ``"fast"`` is MLX's fused ``mx.fast.rope`` (array offsets) and ``mx.fast.scaled_dot_product_attention``
-(boolean mask), what Metal and CUDA run; ``"cpu"`` is the hand-fused set of ``cpu_kernels.py`` for MLX's CPU
-backend, where the matmuls (all but the smallest) are also split across one stream per core (``linear.py``).
-``"auto"`` picks by the default device. Both sets run on any device, so both are tested everywhere.
+The kernels: ``"fast"`` is MLX's fused ``mx.fast.rope`` (array offsets) and ``mx.fast.scaled_dot_product_attention``,
+what Metal and CUDA run; ``"cpu"`` is the hand-fused set of ``cpu_kernels.py`` for MLX's CPU backend, where the
+matmuls (all but the smallest) are also split across one stream per core (``linear.py``). ``"auto"`` picks by the
+backend (:mod:`mlx_openelm.backend`). Both sets run on any device, so both are tested everywhere.
+
+Attention is handed over in one of two ways (``attention``; ``"auto"`` asks the backend module): ``"mask"``, the
+coarse window with a boolean mask, inside the one compiled trace; or ``"exact"``, when every row is at one
+position: the cache sliced to exactly the positions written and no array mask (``None`` for one token,
+``"causal"`` for several), which is what CUDA's fused kernels accept (they refuse array masks) and what lets
+Metal's causal prefill kernel skip blocks. The exact key count changes every step, so there each layer's work
+before and after attention is compiled on its own and only attention runs op by op between them.
 """
 
 from __future__ import annotations
@@ -25,11 +32,14 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx_lm.models.cache import KVCache as LayerCache
 
+from . import backend
 from . import linear as lin
 from .cache import KVCache
 from .cpu_kernels import CpuKernels
 
-KERNELS = ("auto", "cpu", "fast")
+
+class DecodeFallbackWarning(RuntimeWarning):
+    """The decode step cannot run on this backend: the model's own forward pass computes from now on."""
 
 
 def attention_window(positions: int, capacity: int) -> int:
@@ -40,17 +50,8 @@ def attention_window(positions: int, capacity: int) -> int:
     return min(capacity, -(-positions // step) * step)
 
 
-def resolve_kernels(kernels: str) -> str:
-    """``"auto"`` -> ``"cpu"`` when the default device is the CPU, else ``"fast"``; others are checked."""
-    if kernels not in KERNELS:
-        raise ValueError(f"kernels must be one of {', '.join(KERNELS)}, got {kernels!r}")
-    if kernels == "auto":
-        return "cpu" if mx.default_device().type == mx.cpu else "fast"
-    return kernels
-
-
 class FastKernels:
-    """``mx.fast.rope`` with per-row array offsets and ``mx.fast.scaled_dot_product_attention`` with a boolean mask."""
+    """``mx.fast.rope`` with per-row array offsets and ``mx.fast.scaled_dot_product_attention``."""
 
     name = "fast"
 
@@ -70,8 +71,11 @@ class FastKernels:
         return mx.fast.rope(qk * lp["qk_norm"], self.head_dim, traditional=False, base=self.base, scale=1.0,
                             offset=pos)
 
-    def attend(self, q: mx.array, keys: mx.array, values: mx.array, mask: mx.array) -> mx.array:
-        return mx.fast.scaled_dot_product_attention(q, keys, values, scale=self.head_dim**-0.5, mask=mask[:, None])
+    def attend(self, q: mx.array, keys: mx.array, values: mx.array, mask: mx.array | str | None) -> mx.array:
+        """``mask``: boolean ``[B, L, W]``, or ``None`` / ``"causal"`` over exact keys (what fused kernels take)."""
+        if isinstance(mask, mx.array):
+            mask = mask[:, None]
+        return mx.fast.scaled_dot_product_attention(q, keys, values, scale=self.head_dim**-0.5, mask=mask)
 
 
 _KERNEL_SETS = {"cpu": CpuKernels, "fast": FastKernels}
@@ -133,49 +137,76 @@ class StepFunction:
         self.plan, self.traces = plan, 0
         self.kernels = _KERNEL_SETS[plan.kernels](plan.head_dim, plan.rope_base)
         self.streams = lin.lane_streams(plan.lanes)
-        self.compiled_forward = mx.compile(self._trace)
+        self.compiled_forward = mx.compile(self._counted(self.forward))
+        # The exact-attention path: each layer's work before and after attention, compiled on its own.
+        self.compiled_layers = [
+            (mx.compile(self._counted(functools.partial(self.attention_in, i))),
+             mx.compile(self._counted(functools.partial(self.attention_out, i))))
+            for i in range(len(plan.heads))
+        ]
 
-    def _trace(self, *args: Any) -> tuple:
-        self.traces += 1  # Python runs only while mx.compile traces: this counts (re)compilations
-        return self.forward(*args)
+    def _counted(self, fn: Any) -> Any:
+        def trace(*args: Any) -> Any:
+            self.traces += 1  # Python runs only while mx.compile traces: this counts (re)compilations
+            return fn(*args)
+
+        return trace
 
     def forward(self, tokens: mx.array, pos: mx.array, window: int, all_logits: bool, keys: list, values: list,
-                params: dict) -> tuple:
+                params: dict, exact: bool = False, layers: list | None = None) -> tuple:
         """Logits of ``tokens[B, L]`` (row b placed from position ``pos[b]``, attending to the first ``window``
         cache positions): ``[B, vocab]`` for the last token, or ``[B, L, vocab]`` with ``all_logits``; and the
-        updated cache buffers."""
-        p, s, kern = self.plan, self.streams, self.kernels
-        (B, L), D = tokens.shape, p.head_dim
+        updated cache buffers. ``exact``: every row ends at ``window``, and attention gets no array mask.
+        ``layers``: each layer's compiled (before, after) attention pieces, for the exact path run op by op."""
+        p, kern = self.plan, self.kernels
+        B, L = tokens.shape
         h = _embed(tokens, params["embed"], p.embed_quant)
         dtype, h = h.dtype, h.astype(mx.float32)  # a float32 residual stream, as in the model
         positions = pos[:, None] + mx.arange(L)
-        mask = mx.arange(window)[None, None] <= positions[:, :, None]  # [B, L, window]
+        if exact:
+            mask = None if L == 1 else "causal"
+        else:
+            mask = mx.arange(window)[None, None] <= positions[:, :, None]  # [B, L, window]
         table = kern.positions(params, positions)
-        slots = positions[:, None, :, None]  # where each row's new keys and values go
         new_keys, new_values = [], []
-        for lp, quant, (nq, nkv), k_cache, v_cache in zip(params["layers"], p.quant, p.heads, keys, values):
-            qkv_w, out_w, up_w, down_w = lp["linears"]
-            x = mx.fast.rms_norm(h, lp["attn_norm"], p.eps).astype(dtype)
-            qkv = lin.linear(x, qkv_w, quant[0], s)
-            # One token: [B, 1, heads * D] -> [B, heads, 1, D] is a reshape, no transpose.
-            qkv = qkv.reshape(B, -1, 1, D) if L == 1 else qkv.reshape(B, L, -1, D).transpose(0, 2, 1, 3)
-            qk, v = mx.split(qkv, [nq + nkv], axis=1)
-            # q and k together: one norm, one RoPE, in float32 like the model, rounded once.
-            qk = kern.rope(mx.fast.rms_norm(qk.astype(mx.float32), None, p.eps), lp, pos, table)
-            q, k = mx.split(qk.astype(v.dtype), [nq], axis=1)
-            k_cache = mx.put_along_axis(k_cache, mx.broadcast_to(slots, k.shape), k, axis=2)
-            v_cache = mx.put_along_axis(v_cache, mx.broadcast_to(slots, v.shape), v, axis=2)
+        for i, (lp, k_cache, v_cache) in enumerate(zip(params["layers"], keys, values)):
+            before, after = layers[i] if layers else (functools.partial(self.attention_in, i),
+                                                      functools.partial(self.attention_out, i))
+            q, k_cache, v_cache = before(h, lp, k_cache, v_cache, pos, positions, table)
             new_keys.append(k_cache)
             new_values.append(v_cache)
-            out = kern.attend(q, k_cache[:, :, :window], v_cache[:, :, :window], mask)
-            out = out.reshape(B, 1, -1) if L == 1 else out.transpose(0, 2, 1, 3).reshape(B, L, -1)
-            h = h + lin.linear(out, out_w, quant[1], s)
-            x = mx.fast.rms_norm(h, lp["ffn_norm"], p.eps).astype(dtype)
-            gate, up = mx.split(lin.linear(x, up_w, quant[2], s), 2, axis=-1)
-            h = h + lin.linear(nn.silu(gate) * up, down_w, quant[3], s)
+            h = after(h, kern.attend(q, k_cache[:, :, :window], v_cache[:, :, :window], mask), lp)
         x = mx.fast.rms_norm(h if all_logits else h[:, -1:], params["norm"], p.eps).astype(dtype)
-        logits = lin.linear(x, params["head"], p.embed_quant, s)
+        logits = lin.linear(x, params["head"], p.embed_quant, self.streams)
         return (logits if all_logits else logits[:, 0, :]), new_keys, new_values
+
+    def attention_in(self, i: int, h: mx.array, lp: dict, k_cache: mx.array, v_cache: mx.array, pos: mx.array,
+                     positions: mx.array, table: Any) -> tuple[mx.array, mx.array, mx.array]:
+        """Layer ``i`` up to attention: the queries, and the cache buffers with this step's keys and values written
+        at ``positions``. The branch computes in the cache's dtype (the model's)."""
+        p, kern = self.plan, self.kernels
+        (B, L, _), D, (nq, nkv), quant = h.shape, p.head_dim, p.heads[i], p.quant[i]
+        x = mx.fast.rms_norm(h, lp["attn_norm"], p.eps).astype(k_cache.dtype)
+        qkv = lin.linear(x, lp["linears"][0], quant[0], self.streams)
+        # One token: [B, 1, heads * D] -> [B, heads, 1, D] is a reshape, no transpose.
+        qkv = qkv.reshape(B, -1, 1, D) if L == 1 else qkv.reshape(B, L, -1, D).transpose(0, 2, 1, 3)
+        qk, v = mx.split(qkv, [nq + nkv], axis=1)
+        # q and k together: one norm, one RoPE, in float32 like the model, rounded once.
+        qk = kern.rope(mx.fast.rms_norm(qk.astype(mx.float32), None, p.eps), lp, pos, table)
+        q, k = mx.split(qk.astype(v.dtype), [nq], axis=1)
+        slots = positions[:, None, :, None]  # where each row's new keys and values go
+        k_cache = mx.put_along_axis(k_cache, mx.broadcast_to(slots, k.shape), k, axis=2)
+        v_cache = mx.put_along_axis(v_cache, mx.broadcast_to(slots, v.shape), v, axis=2)
+        return q, k_cache, v_cache
+
+    def attention_out(self, i: int, h: mx.array, out: mx.array, lp: dict) -> mx.array:
+        """Layer ``i`` after attention (``out[B, heads, L, D]``): output projection and feed-forward, with residuals."""
+        (B, L, _), quant, s = h.shape, self.plan.quant[i], self.streams
+        out = out.reshape(B, 1, -1) if L == 1 else out.transpose(0, 2, 1, 3).reshape(B, L, -1)
+        h = h + lin.linear(out, lp["linears"][1], quant[1], s)
+        x = mx.fast.rms_norm(h, lp["ffn_norm"], self.plan.eps).astype(out.dtype)
+        gate, up = mx.split(lin.linear(x, lp["linears"][2], quant[2], s), 2, axis=-1)
+        return h + lin.linear(nn.silu(gate) * up, lp["linears"][3], quant[3], s)
 
 
 @functools.cache
@@ -188,6 +219,21 @@ def step_function(plan: Plan) -> StepFunction:
     return _step_function(plan, threading.get_ident())
 
 
+def attention_path(kernels: str, attention: str, tokens: int, prefill: bool) -> str:
+    """``"exact"`` or ``"mask"``: how a pass of ``tokens`` per row hands attention over when the rows share one
+    position (with rows at different positions it is always ``"mask"``). ``"auto"`` attention asks the backend
+    module for the fast set; the cpu set then masks."""
+    requested = attention if attention != "auto" or backend.kernels(kernels) == "fast" else "mask"
+    return backend.attention(requested, tokens, prefill)
+
+
+def describe(kernels: str = "auto", attention: str = "auto") -> dict[str, Any]:
+    """What a decode step built with these options runs here: its kernel set and its attention for a decode
+    token and for a prompt chunk (rows at one position). Benchmarks record it."""
+    return {"kernels": backend.kernels(kernels), "attention": {
+        "decode": attention_path(kernels, attention, 1, False), "prefill": attention_path(kernels, attention, 2, True)}}
+
+
 class DecodeStep:
     """The decode step of ``model`` over a :class:`~mlx_openelm.cache.KVCache`, which it grows when full and advances:
     ``step(cache, tokens[B, 1]) -> logits[B, vocab]``, each row at its own position. ``step.prefill(cache,
@@ -195,16 +241,20 @@ class DecodeStep:
     returns the logits of every position (one compiled trace per length, for speculative decoding; undo with the
     cache's ``trim``). One step serves any number of caches of its model.
 
-    ``kernels``: ``"auto"``, ``"cpu"`` or ``"fast"`` (see the module docstring); lanes (default
-    :func:`~mlx_openelm.linear.cpu_lanes`) apply on the CPU backend only. ``compile=False`` runs the same step op
-    by op. The first call of every new shape is evaluated at once: if it fails (a backend without a kernel or
-    without compile support), the step warns once and runs the model's own forward pass for good.
+    ``kernels``: ``"auto"``, ``"cpu"`` or ``"fast"``; ``attention``: ``"auto"``, ``"mask"`` or ``"exact"`` (see the
+    module docstring; ``"auto"`` asks :mod:`mlx_openelm.backend`, and applies to the fast set only). ``lanes``:
+    default :func:`mlx_openelm.backend.lanes` (the cores on the CPU, 1 on a GPU); a count given splits on any
+    backend. ``compile=False`` runs the same step op by op. The first call of every new shape is evaluated at once:
+    if it fails (a backend without a kernel or without compile support), the step warns once
+    (:class:`DecodeFallbackWarning`) and runs the model's own forward pass for good (:func:`model_forward`, which
+    serves rows at different positions too).
     """
 
-    def __init__(self, model: nn.Module, compile: bool = True, lanes: int | None = None, kernels: str = "auto"):
-        self.model, self.compile = model, compile
-        lanes = 1 if mx.default_device().type != mx.cpu else lanes or lin.cpu_lanes()
-        plan, self.params = plan_and_params(model, lanes, resolve_kernels(kernels))
+    def __init__(self, model: nn.Module, compile: bool = True, lanes: int | None = None, kernels: str = "auto",
+                 attention: str = "auto"):
+        backend.attention(attention, 1, False)  # checked here, chosen per call
+        self.model, self.compile, self.attention = model, compile, attention
+        plan, self.params = plan_and_params(model, backend.lanes(lanes), backend.kernels(kernels))
         self.fn = step_function(plan)
         self.fallback = False
         self.max_positions = model.args.max_positions
@@ -212,7 +262,7 @@ class DecodeStep:
 
     @property
     def traces(self) -> int:
-        """How many times this structure's step has been traced (compiled) in this process."""
+        """How many times this structure's step (or a layer piece of its exact path) has been traced (compiled)."""
         return self.fn.traces
 
     @property
@@ -220,36 +270,48 @@ class DecodeStep:
         """The kernel set in use: ``"cpu"`` or ``"fast"``."""
         return self.fn.plan.kernels
 
+    def attention_for(self, cache: KVCache, tokens: int, prefill: bool, lengths: list[int] | None = None) -> str:
+        """``"exact"`` or ``"mask"``: how a pass of ``tokens`` per row over ``cache`` hands attention over. Exact
+        needs every row at one position (and, right-padded, of one length): otherwise garbage keys past a row's
+        own position would be attended."""
+        one_end = len(set(cache.positions)) == 1 and (lengths is None or set(lengths) <= {tokens})
+        exact = attention_path(self.kernels, self.attention, tokens, prefill) == "exact"
+        return "exact" if one_end and exact else "mask"
+
     def __call__(self, cache: KVCache, tokens: mx.array) -> mx.array:
         """Logits ``[B, vocab]`` after ``tokens[B, 1]``."""
-        return self._run(cache, tokens, self.compile, False)
+        return self._run(cache, tokens, self.compile, False, False)
 
     def prefill(self, cache: KVCache, tokens: mx.array, lengths: list[int] | None = None) -> mx.array:
         """Put ``tokens[B, L]`` into the cache, op by op (not compiled: the lengths vary; the matmuls are big enough
         that host work does not matter). ``lengths``: the real tokens of each row when rows are right-padded to L
         (a padded position writes keys past its row's tokens, which nothing reads before they are overwritten).
         Logits of the last position."""
-        return self._run(cache, tokens, False, False, lengths)
+        return self._run(cache, tokens, False, False, True, lengths)
 
     def verify(self, cache: KVCache, tokens: mx.array) -> mx.array:
         """Logits ``[B, L, vocab]`` of every one of ``tokens[B, L]`` (compiled: one trace per length and window)."""
-        return self._run(cache, tokens, self.compile, True)
+        return self._run(cache, tokens, self.compile, True, False)
 
-    def _run(self, cache: KVCache, tokens: mx.array, compiled: bool, all_logits: bool,
+    def _run(self, cache: KVCache, tokens: mx.array, compiled: bool, all_logits: bool, prefill: bool,
              lengths: list[int] | None = None) -> mx.array:
         if self.fallback:
-            logits = model_forward(self.model, cache, tokens)
-            return logits if all_logits else logits[:, -1, :]
+            return self._model_forward(cache, tokens, all_logits, lengths)
         if tokens.dtype != mx.uint32:  # the prompt's dtype and the sampler's may differ: one trace for both
             tokens = tokens.astype(mx.uint32)
         (B, L), end = tokens.shape, max(cache.positions) + tokens.shape[1]
         if end > self.max_positions:
             raise ValueError(f"position {end} is past the {self.max_positions} the model supports")
         cache.reserve(end)
-        window = attention_window(end, cache.capacity)
-        key = (compiled, B, L, window, cache.capacity, all_logits)
-        fn = self.fn.compiled_forward if compiled else self.fn.forward
+        exact = self.attention_for(cache, L, prefill, lengths) == "exact"
+        coarse = attention_window(end, cache.capacity)
+        window = end if exact else coarse
+        key = (compiled, exact, B, L, coarse, cache.capacity, all_logits)
         args = (tokens, cache.positions_array(), window, all_logits, cache.keys, cache.values, self.params)
+        if exact:
+            fn = functools.partial(self.fn.forward, exact=True, layers=self.fn.compiled_layers if compiled else None)
+        else:
+            fn = self.fn.compiled_forward if compiled else self.fn.forward
         try:
             logits, keys, values = fn(*args)
             if key not in self._checked:  # a kernel that fails only when evaluated fails here, on its first use
@@ -257,23 +319,57 @@ class DecodeStep:
                 self._checked.add(key)
         except Exception as e:  # whatever a backend cannot run, the model's own path computes the same
             warnings.warn(f"decode step unavailable ({type(e).__name__}: {e}); using the model's own forward pass",
-                          stacklevel=3)
+                          DecodeFallbackWarning, stacklevel=3)
             self.fallback = True
-            return self._run(cache, tokens, compiled, all_logits, lengths)
+            return self._model_forward(cache, tokens, all_logits, lengths)
         cache.update(keys, values, lengths if lengths is not None else L)
         return logits
 
+    def _model_forward(self, cache: KVCache, tokens: mx.array, all_logits: bool,
+                       lengths: list[int] | None) -> mx.array:
+        logits = model_forward(self.model, cache, tokens, lengths)
+        if all_logits:
+            return logits
+        if lengths is None:
+            return logits[:, -1, :]
+        return logits[mx.arange(tokens.shape[0]), mx.array(lengths) - 1]  # each row's last real token
 
-def model_forward(model: nn.Module, cache: KVCache, tokens: mx.array) -> mx.array:
-    """Logits ``[B, L, vocab]`` of the model's own forward pass over ``cache`` (every row at one position), each
-    layer's buffers lent to one of mlx-lm's ``KVCache`` objects, which that pass writes in place."""
-    offset = cache.offset
-    cache.reserve(offset + tokens.shape[1])
+
+def _lent(model: nn.Module, keys: list[mx.array], values: list[mx.array], offset: int,
+          tokens: mx.array) -> tuple[mx.array, list[mx.array], list[mx.array]]:
+    """The model's own forward pass over buffers lent to mlx-lm's ``KVCache`` objects (one per layer, all rows at
+    ``offset``), which that pass writes in place: logits and the written buffers."""
     layers = []
-    for k, v in zip(cache.keys, cache.values):
+    for k, v in zip(keys, values):
         layer = LayerCache()
         layer.keys, layer.values, layer.offset = k, v, offset
         layers.append(layer)
     logits = model(tokens, cache=layers)
-    cache.update([c.keys for c in layers], [c.values for c in layers], tokens.shape[1])
-    return logits
+    return logits, [c.keys for c in layers], [c.values for c in layers]
+
+
+def model_forward(model: nn.Module, cache: KVCache, tokens: mx.array, lengths: list[int] | None = None) -> mx.array:
+    """Logits ``[B, L, vocab]`` of the model's own forward pass over ``cache``, which it advances. Rows at one
+    position run together; rows at different positions (a batch in flight), or right-padded to ``L`` with
+    ``lengths`` real tokens each, run one at a time through one-row views written back, each attending to exactly
+    its own keys (a padded row's logits past its tokens are zeros)."""
+    B, L = tokens.shape
+    lengths = [L] * B if lengths is None else list(lengths)
+    cache.reserve(max(p + n for p, n in zip(cache.positions, lengths)))
+    if len(set(cache.positions)) == 1 and set(lengths) == {L}:
+        logits, keys, values = _lent(model, cache.keys, cache.values, cache.positions[0], tokens)
+        cache.update(keys, values, L)
+        return logits
+    # Arrays of their own (mx.array copies lazily): writing rows into them leaves whoever shares these buffers alone.
+    keys, values, rows = [mx.array(k) for k in cache.keys], [mx.array(v) for v in cache.values], []
+    for i, (position, n) in enumerate(zip(cache.positions, lengths)):
+        logits, k_row, v_row = _lent(model, [k[i : i + 1] for k in keys], [v[i : i + 1] for v in values], position,
+                                     tokens[i : i + 1, :n])
+        for layer, (k, v) in enumerate(zip(k_row, v_row)):
+            keys[layer][i : i + 1] = k
+            values[layer][i : i + 1] = v
+        if n < L:
+            logits = mx.concatenate([logits, mx.zeros((1, L - n, logits.shape[-1]), logits.dtype)], axis=1)
+        rows.append(logits)
+    cache.update(keys, values, lengths)
+    return mx.concatenate(rows)

@@ -1,4 +1,4 @@
-"""The machine a benchmark runs on: chip, backend, memory, and memory bandwidth (published or measured)."""
+"""The machine a benchmark runs on: chip (or GPU), backend, memory, and memory bandwidth (published or measured)."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ from typing import Any
 
 import mlx.core as mx
 
+from . import backend as _backend
 from .linear import cpu_lanes, lane_streams, row_cuts
 
 # Apple's published unified-memory bandwidths (GB/s). A tuple is (binned chip, full chip): the binned M3 Max and
@@ -56,26 +57,21 @@ def _linux_cpu_model() -> str | None:
 
 
 def _memory_bytes(info: dict[str, Any]) -> int | None:
-    if "memory_size" in info:
-        return int(info["memory_size"])
+    found = _backend.memory_bytes(info)  # Metal's unified memory, or the CUDA GPU's own
+    if found is not None:
+        return found
     try:
         return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     except (ValueError, OSError, AttributeError):
         return None
 
 
-def backend() -> str:
-    """The MLX backend that runs the default device: ``"metal"``, ``"cuda"`` or ``"cpu"``."""
-    if mx.default_device().type == mx.DeviceType.cpu:
-        return "cpu"
-    return "metal" if mx.metal.is_available() else "cuda"
-
-
 def device_info() -> dict[str, Any]:
-    """Chip name (and GPU cores on macOS), CPU model on Linux, memory, OS, MLX version and backend."""
+    """Chip name (and GPU cores on macOS), CPU model on Linux, memory (the GPU's own on CUDA), OS, MLX version,
+    backend, and ``label``: what ran the numbers (the GPU's name on CUDA, the chip on a Mac, else the CPU model)."""
     info = mx.device_info()
     out: dict[str, Any] = {
-        "backend": backend(),
+        "backend": _backend.name(),
         "device_name": info.get("device_name"),
         "mlx_version": mx.__version__,
         "os": f"{platform.system()} {platform.release()}",
@@ -91,6 +87,7 @@ def device_info() -> dict[str, Any]:
         out["gpu_cores"] = _apple_gpu_cores()
     else:
         out["cpu_model"] = _linux_cpu_model()
+    out["label"] = _backend.device_label(out)
     return out
 
 

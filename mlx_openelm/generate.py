@@ -48,7 +48,7 @@ def generate_step(
     max_tokens: int = 256,
     sampler: Sampler | None = None,
     logits_processors: Sequence[LogitsProcessor] | None = None,
-    prefill_step_size: int = 512,
+    prefill_step_size: int | None = None,
     prompt_cache: KVCache | list | None = None,
     max_kv_size: int | None = None,
     kv_bits: int | None = None,
@@ -63,7 +63,8 @@ def generate_step(
 ) -> Iterator[tuple[int, mx.array]]:
     """Yield ``(token id, logprobs[vocab])`` for each generated token, like mlx-lm's ``generate_step``.
 
-    ``prompt`` is a 1-D array of token ids. The prompt is prefilled in chunks of ``prefill_step_size``; each
+    ``prompt`` is a 1-D array of token ids. The prompt is prefilled in chunks of ``prefill_step_size`` (default:
+    the backend's, 512 tokens on the CPU and 2048 on a GPU); each
     step is queued (``mx.async_eval``) before the previous token is read. ``prompt_cache`` (from
     ``make_cache``) is updated in place, so a conversation can continue from it; otherwise a cache is made
     with ``max_kv_size`` (a rotating window, generation may then pass the context limit) or ``kv_bits``
@@ -88,7 +89,7 @@ def generate_step(
             prefill_step_size=prefill_step_size, prompt_cache=prompt_cache, draft_cache=draft_cache,
             compile=compile, kernels=kernels, stats=stats, context_ids=context_ids)
         return
-    check_prompt(prompt, prefill_step_size)
+    prefill_step_size = check_prompt(prompt, prefill_step_size)
     cache = prompt_cache if prompt_cache is not None else default_cache(model, max_kv_size, kv_bits)
     budget = token_budget(model, prompt.size, max_tokens, cache, max_kv_size)
     sampler = sampler or greedy

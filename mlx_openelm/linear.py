@@ -1,16 +1,18 @@
 """The decode step's linear layers, dense or quantized, on every backend; on the CPU split across lanes.
 
 MLX's CPU backend runs each stream's ops on one thread, so each matmul but the smallest is split by output rows
-across one stream per core ("lanes") and the parts concatenated. On a GPU there is one lane: the whole matmul.
+across one stream per core ("lanes") and the parts concatenated. On a GPU there is one lane by default: the whole
+matmul (``backend.lanes`` decides; an explicit lane count splits on any backend, on streams of the default device).
 """
 
 from __future__ import annotations
 
-import os
 import threading
 
 import mlx.core as mx
 import mlx.nn as nn
+
+from . import backend
 
 QUANTIZED = (nn.QuantizedLinear, nn.QuantizedEmbedding)
 # A matmul is split across lanes only when it is big enough to outweigh the cross-stream synchronisation. MLX's
@@ -21,24 +23,23 @@ Quant = tuple  # (group_size, bits, mode), or () for a dense weight
 
 
 def cpu_lanes() -> int:
-    """How many streams the matmuls are split across: the usable cores (at most 8) when the default device is
-    the CPU, else 1 (lanes are CPU streams: on a GPU they would move the work to the CPU)."""
-    if mx.default_device().type != mx.cpu:
-        return 1
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    return max(1, min(cores, 8))
+    """How many streams the matmuls are split across by default: the usable cores (at most 8) on the CPU, 1 on a
+    GPU (:func:`mlx_openelm.backend.lanes`)."""
+    return backend.lanes()
 
 
 _LANES = threading.local()
 
 
 def lane_streams(n: int) -> tuple[mx.Stream | None, ...]:
-    """``n`` lanes: lane 0 (None) runs on the caller's stream, the others on CPU streams of their own, made on first
-    use in each thread (an MLX stream may only be used on the thread that made it; none is made at import)."""
-    cache = _LANES.__dict__
-    if n not in cache:
-        cache[n] = (None, *(mx.new_stream(mx.cpu) for _ in range(n - 1)))
-    return cache[n]
+    """``n`` lanes: lane 0 (None) runs on the caller's stream, the others on streams of their own on the default
+    device, made on first use in each thread (an MLX stream may only be used on the thread that made it; none is
+    made at import)."""
+    device = mx.default_device()
+    cache, key = _LANES.__dict__, (n, str(device))  # default_device() returns a new object each call
+    if key not in cache:
+        cache[key] = (None, *(mx.new_stream(device) for _ in range(n - 1)))
+    return cache[key]
 
 
 def row_cuts(rows: int, n: int) -> list[int]:

@@ -17,6 +17,7 @@ from mlx.utils import tree_unflatten
 from mlx_lm.utils import load_model as _mlx_lm_load_model
 from mlx_lm.utils import save_model as _mlx_lm_save_model
 
+from . import backend
 from .config import ModelArgs
 from .dtypes import parse_dtype
 from .fileio import atomic_directory, commit_directory
@@ -31,12 +32,10 @@ def auto_dtype(model: Model) -> mx.Dtype | None:
     bfloat16, 143 ms in float32, 204 ms in float16; 4-bit, 73 ms with float32 scales and activations against
     534 ms with bfloat16 and 2608 ms with float16 ones. So on the CPU quantized and float16 models compute in
     float32 (packed weights stay packed; float16 -> float32 loses nothing) and bfloat16 ones stay bfloat16.
-    Metal and CUDA keep the stored half precision.
+    Metal and CUDA keep the stored half precision (:func:`mlx_openelm.backend.compute_dtype` decides).
     """
-    if mx.default_device().type != mx.cpu:
-        return None
     quantized = any(isinstance(m, (nn.QuantizedLinear, nn.QuantizedEmbedding)) for _, m in model.named_modules())
-    return mx.float32 if quantized or model.transformer.norm.weight.dtype == mx.float16 else None
+    return backend.compute_dtype(quantized, model.transformer.norm.weight.dtype)
 
 
 def read_config(path: str | Path) -> ModelArgs:

@@ -13,6 +13,7 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten
 
+from . import backend
 from .cache import KVCache, cached_tokens, make_cache
 from .decode import DecodeStep
 from .model import Model
@@ -58,9 +59,9 @@ def token_budget(model: nn.Module, prompt_tokens: int, max_tokens: int, cache: K
 def wired_limit(model: nn.Module, cache_bytes: int = 0, stream: Any = None) -> Iterator[None]:
     """On Metal, keep the weights wired while generating, and warn when model + cache near the working set.
 
-    A no-op on other backends (CPU, CUDA).
+    A no-op on other backends (CPU, CUDA): :func:`mlx_openelm.backend.wired_limit_bytes` decides.
     """
-    limit = mx.device_info().get("max_recommended_working_set_size") if mx.metal.is_available() else None
+    limit = backend.wired_limit_bytes()
     if not limit:
         yield
         return
@@ -77,6 +78,14 @@ def wired_limit(model: nn.Module, cache_bytes: int = 0, stream: Any = None) -> I
         mx.set_wired_limit(old)
 
 
+def hold_wired_limit() -> int | None:
+    """For a long-lived batch (the server's, the batch job's): on Metal wire up to the recommended working set, as
+    mlx-lm's server and ``BatchGenerator`` do, and return the previous limit to give back to ``mx.set_wired_limit``
+    when the batch closes; None (nothing set) on other backends."""
+    limit = backend.wired_limit_bytes()
+    return mx.set_wired_limit(limit) if limit else None
+
+
 def kv_cache_bytes(model: nn.Module, tokens: int, max_kv_size: int | None = None, kv_bits: int | None = None) -> int:
     """Bytes the KV cache will hold for ``tokens`` positions: a rotating cache holds at most ``max_kv_size``; a
     quantized one ``kv_bits`` per value plus a float scale and bias per group (mlx-lm's ``QuantizedKVCache``)."""
@@ -90,12 +99,16 @@ def kv_cache_bytes(model: nn.Module, tokens: int, max_kv_size: int | None = None
     return values * itemsize
 
 
-def check_prompt(prompt: mx.array, prefill_step_size: int) -> None:
-    """Reject a prompt that is not 1-D token ids, and a chunk size that is not a positive integer."""
+def check_prompt(prompt: mx.array, prefill_step_size: int | None) -> int:
+    """Reject a prompt that is not 1-D token ids, and a chunk size that is not a positive integer; returns the chunk
+    size (``None``: the backend's, :func:`~mlx_openelm.backend.prefill_chunk`)."""
     if prompt.ndim != 1:
         raise ValueError(f"prompt must be a 1-D array of token ids, got shape {tuple(prompt.shape)}")
+    if prefill_step_size is None:
+        return backend.prefill_chunk()
     if not isinstance(prefill_step_size, int) or prefill_step_size < 1:
         raise ValueError(f"prefill_step_size must be an integer >= 1, got {prefill_step_size!r}")
+    return prefill_step_size
 
 
 class Forward:

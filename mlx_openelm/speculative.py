@@ -211,7 +211,7 @@ def speculative_generate_step(
     max_tokens: int = 256,
     sampler: Sampler | None = None,
     logits_processors: Sequence[LogitsProcessor] | None = None,
-    prefill_step_size: int = 512,
+    prefill_step_size: int | None = None,
     prompt_cache: KVCache | None = None,
     draft_cache: KVCache | None = None,
     compile: bool = True,
@@ -227,7 +227,7 @@ def speculative_generate_step(
     :class:`SpeculativeStats`) is updated as tokens are produced. ``sampler`` is greedy or one made by
     :func:`~mlx_openelm.sample.make_sampler` (speculative sampling needs its distribution).
     """
-    check_prompt(prompt, prefill_step_size)
+    prefill_step_size = check_prompt(prompt, prefill_step_size)
     check_draft(model, draft_model, prompt_lookup, num_draft_tokens)
     if draft_model is None and prompt_lookup is None:
         raise ValueError("speculative decoding needs a draft_model or prompt_lookup")

@@ -15,6 +15,8 @@ from .bench import (
     bench,
     check_counts,
     check_output,
+    decode_path,
+    device_label,
     parameter_count,
     prepare_model,
     result_table,
@@ -108,21 +110,23 @@ def sweep_markdown(results: list[BenchResult]) -> str:
     d = r0.device
     gbps = sorted({f"{r.bandwidth_gbps:.1f}" for r in results}, key=float)
     lines = [
-        f"Device: {d.get('chip') or d.get('cpu_model') or d.get('device_name')}, MLX {d['mlx_version']} "
+        f"Device: {device_label(d)}, MLX {d['mlx_version']} "
         f"({d['backend']}); bandwidth {' to '.join(dict.fromkeys([gbps[0], gbps[-1]]))} GB/s "
         f"({r0.bandwidth_source}). "
         f"{r0.prompt_tokens} prompt + {r0.gen_tokens} generated tokens, median of {len(r0.trials)} trials "
-        "after a warm-up; random weights, greedy.",
+        "after a warm-up; random weights, greedy. Decode path: " + "; ".join(dict.fromkeys(
+            decode_path(r.decode) for r in results)) + ".",
         "",
         "| model | precision | compute dtype | params (M) | weights (GB) | prompt tok/s | generation tok/s "
-        "| TTFT (s) | peak memory (GB) | roofline |",
-        "|---|---|---|---:|---:|---:|---:|---:|---:|---:|",
+        "| TTFT (s) | peak memory (GB) | roofline | kernels |",
+        "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---|",
     ]
     for r in results:
+        kernels = f"{r.decode.get('kernels')}{' FALLBACK' if r.decode.get('fallback') else ''}"
         lines.append(
             f"| {r.model} | {precision_label(r)} | {r.dtype} | {r.parameters / 1e6:.1f} | {r.model_bytes / 1e9:.3f} "
             f"| {r.median('prompt_tps'):.2f} | {r.median('generation_tps'):.2f} | {r.median('ttft_s'):.3f} "
-            f"| {r.median('peak_memory_bytes') / 1e9:.3f} | {100 * r.roofline_fraction:.1f}% |"
+            f"| {r.median('peak_memory_bytes') / 1e9:.3f} | {100 * r.roofline_fraction:.1f}% | {kernels} |"
         )
     return "\n".join(lines) + "\n"
 
@@ -137,7 +141,7 @@ def sweep_chart(results: list[BenchResult]) -> bytes:
         return [[found[g, s].median(field) if (g, s) in found else float("nan") for g in groups] for s in series]
 
     d = results[0].device
-    caption = f"{d.get('chip') or d.get('cpu_model') or d.get('device_name')} - MLX {d['mlx_version']} {d['backend']}"
+    caption = f"{device_label(d)} - MLX {d['mlx_version']} {d['backend']}"
     return bar_chart_png(
         [("prompt tok/s", groups, series, values("prompt_tps")),
          ("generation tok/s", groups, series, values("generation_tps"))],

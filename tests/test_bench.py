@@ -10,7 +10,7 @@ from mlx.utils import tree_flatten
 from mlx_lm.generate import generate_step as mlx_lm_generate_step
 from tiny import TINY_CONFIG, tiny_args
 
-from mlx_openelm import preset, random_model, save
+from mlx_openelm import backend, preset, random_model, save
 from mlx_openelm.bench import (
     bench,
     check_counts,
@@ -19,10 +19,14 @@ from mlx_openelm.bench import (
     model_bytes,
     parameter_count,
     prepare_model,
+    result_table,
+    summary_lines,
     time_generation,
     write_json,
 )
 from mlx_openelm.config import PRESETS
+from mlx_openelm.cpu_kernels import CpuKernels
+from mlx_openelm.decode import FastKernels
 from mlx_openelm.device import (
     APPLE_BANDWIDTH_GBPS,
     FULL_GPU_CORES,
@@ -75,6 +79,33 @@ def test_json_has_every_field(tiny_result, tmp_path):
     assert {"backend", "mlx_version", "device_name", "chip", "gpu_cores", "cpu_model"} <= set(data["device"])
     assert data["median"]["generation_tps"] == pytest.approx(r.median("generation_tps"))
     assert not list(tmp_path.glob(".*tmp"))  # the atomic write left no temporary file
+
+
+def test_bench_names_the_kernel_set_that_ran(tiny_result, tmp_path):
+    # Issue #27, 6: the table, the text and the JSON say which decode path the figures time.
+    _, r = tiny_result
+    data = json.loads(write_json(tmp_path / "b.json", r.to_dict()).read_text())
+    assert data["decode"] == {"kernels": backend.kernels(), "attention": {"decode": "mask", "prefill": "mask"},
+                              "fallback": False, "fallback_reason": None}
+    headers, rows = result_table(r)
+    assert headers[-1] == "kernels" and {row[-1] for row in rows} == {backend.kernels()}
+    assert f"decode path: {backend.kernels()} kernels" in "\n".join(summary_lines(r))
+
+
+def test_bench_flags_a_decode_step_that_fell_back(monkeypatch):
+    # A kernel that fails makes the step fall back to the model's own (slower) forward pass: the benchmark says so
+    # instead of timing the slow path silently.
+    def broken(self, q, *rest):
+        return q + mx.linalg.inv(mx.zeros((2, 2)), stream=mx.cpu)[0, 0].astype(q.dtype)
+
+    monkeypatch.setattr(CpuKernels, "attend", broken)
+    monkeypatch.setattr(FastKernels, "attend", broken)
+    model = random_model(tiny_args(rope_freq_constant=10500.0), "float32")  # a fresh plan: traced with the patch
+    r = bench(model, "broken", prompt_tokens=4, gen_tokens=3, trials=1, bandwidth=(1.0, "x"))
+    assert r.decode["fallback"] and "Inverse" in r.decode["fallback_reason"]
+    assert {row[-1] for row in result_table(r)[1]} == {f"{backend.kernels()} FALLBACK"}
+    assert "FALLBACK to the model's own forward pass" in "\n".join(summary_lines(r))
+    assert r.to_dict()["decode"]["fallback"] is True
 
 
 def test_project_generator_matches_mlx_lm_greedy(tiny_result):

@@ -274,3 +274,16 @@ def test_resolve_model_uses_paths_as_given_and_converts_repo_ids_once(tmp_path, 
     with pytest.raises(FileNotFoundError, match="someone/absent"):
         resolve_model("someone/absent")  # the converter's own error: offline and not in the hub cache
     assert not (tmp_path / "home" / "models" / "someone--absent").exists()
+
+
+@pytest.mark.parametrize("simulated_backend", ["cpu", "metal", "cuda"], indirect=True)
+def test_prompts_prefill_in_the_backends_chunks(model, monkeypatch, simulated_backend):
+    from mlx_openelm import backend
+    from mlx_openelm.runner import Forward
+
+    seen, prefill = [], Forward.prefill
+    monkeypatch.setattr(Forward, "prefill", lambda self, ids, step, stream: seen.append(step) or prefill(
+        self, ids, step, stream))
+    _tokens(model, _prompt(20, seed=5), max_tokens=2)
+    _tokens(model, _prompt(20, seed=5), max_tokens=2, prefill_step_size=7)
+    assert seen == [backend.prefill_chunk(), 7] and seen[0] == (512 if simulated_backend == "cpu" else 2048)

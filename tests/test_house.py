@@ -11,10 +11,10 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 # The data flow, earliest first: a module may import only modules before it (or itself, for packages).
 ORDER = [
-    "config", "dtypes", "fileio", "tensorfile", "sample", "chart", "linear", "cpu_kernels", "cache", "model",
+    "config", "dtypes", "backend", "fileio", "tensorfile", "sample", "chart", "linear", "cpu_kernels", "cache", "model",
     "llama_vocab", "tokenizer", "tokenizer_json", "tokenizer_fetch", "convert", "load", "random_weights", "decode",
     "runner", "speculative", "hub", "generate", "batch", "chat", "chat_terminal", "device", "bench", "sweep",
-    "jobs", "server", "cli",
+    "jobs", "evaluate", "server", "cli",
 ]
 MAX_LINES = 500  # twice the largest budget in STYLE.md; a longer file says why in its first docstring lines
 

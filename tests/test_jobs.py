@@ -1,11 +1,15 @@
 """Offline jobs: perplexity against a direct computation, batch generation resumable and exact, both unchanged under
-``mlx.launch -n 2`` on localhost (ring backend, bounded in time; its exit code is not trusted, the outputs are)."""
+``mlx.launch -n 2`` on localhost (ring backend, bounded in time; its exit code is not trusted, the outputs and each
+process's exit status, which it reports, are). Under it, processes that disagree on their input, or one that fails
+or hangs, stop every process with a non-zero status instead of a mixed output or a wait without end."""
 
 from __future__ import annotations
 
+import fcntl
 import json
 import math
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -21,6 +25,7 @@ from mlx_openelm.jobs.perplexity import perplexity
 
 SCRIPT = str(Path(sys.executable).with_name("mlx-openelm"))
 LAUNCH = str(Path(sys.executable).with_name("mlx.launch"))
+FAULTS = str(Path(__file__).with_name("launch_faults.py"))
 
 
 @pytest.fixture(scope="module")
@@ -67,9 +72,25 @@ def test_perplexity_equals_a_direct_computation(folder, data, seq_len, stride, b
         total / count), rel=1e-4)
 
 
-def _launch(*args: str, timeout: float = 180) -> subprocess.CompletedProcess:
-    return subprocess.run([LAUNCH, "-n", "2", "--backend", "ring", "--python", sys.executable, SCRIPT, *args],
-                          capture_output=True, text=True, timeout=timeout)
+def _launch(*args: str, timeout: float = 180, script: str = SCRIPT, env: dict | None = None) -> \
+        subprocess.CompletedProcess:
+    # In a session of its own, so that on a timeout the launcher and both processes are killed, not left behind.
+    proc = subprocess.Popen([LAUNCH, "-n", "2", "--backend", "ring", "--python", sys.executable, script, *args],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
+                            env={**os.environ, **(env or {})})
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, err = proc.communicate()
+        raise AssertionError(f"mlx.launch still ran after {timeout} s:\n{out}{err}") from None
+    return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+
+
+def _exit_codes(p: subprocess.CompletedProcess) -> dict[int, int]:
+    # mlx.launch exits 0 whatever its processes did, but reports each one that did not exit 0.
+    found = re.findall(r"Node with rank (\d+) (?:exited with code (-?\d+)|(was killed))", p.stdout + p.stderr)
+    return {int(rank): int(code) if code else -9 for rank, code, _ in found}
 
 
 def test_perplexity_under_mlx_launch_is_the_one_process_figure(folder, data, tmp_path):
@@ -142,3 +163,60 @@ def test_a_killed_batch_run_resumes_with_every_id_once(folder, trained_checkpoin
     ids = [json.loads(line)["id"] for line in out.read_text().splitlines()]
     assert len(ids) == len(set(ids)) == 48
     assert out.read_bytes() == reference.read_bytes()
+
+
+def test_a_second_run_on_the_same_output_is_refused(folder, trained_checkpoint, tmp_path):
+    # Another run holds the output (its lock is the output file's own): this one stops before writing anything,
+    # where two runs used to append the same ids twice.
+    model, tokenizer = load(folder)
+    prompts = _prompts(tmp_path / "in.jsonl", trained_checkpoint, 3)
+    out = tmp_path / "out.jsonl"
+    out.write_bytes(b"")
+    with open(out, "a+b") as other:
+        fcntl.flock(other.fileno(), fcntl.LOCK_EX)
+        with pytest.raises(ValueError, match="being written by another run"):
+            batch_generate(model, tokenizer, prompts, out, batch_size=2)
+    assert out.read_bytes() == b""
+    assert batch_generate(model, tokenizer, prompts, out, batch_size=2)["written"] == 3  # the lock went with it
+
+
+def test_processes_with_different_inputs_stop_before_any_work(folder, trained_checkpoint, tmp_path):
+    _prompts(tmp_path / "in0.jsonl", trained_checkpoint, 6)
+    _prompts(tmp_path / "in1.jsonl", trained_checkpoint, 6, longer=1)
+    out = tmp_path / "out.jsonl"
+    p = _launch("none", "0", "batch", "-m", str(folder), "--input", str(tmp_path / "in{rank}.jsonl"), "--output",
+                str(out), "--batch-size", "2", script=FAULTS, timeout=120)
+    lines = [line for line in (p.stdout + p.stderr).splitlines() if "differ in their input, model or settings" in line]
+    assert len(lines) == 2 and all(line.startswith("error: ") for line in lines), p.stdout + p.stderr
+    codes = _exit_codes(p)  # 1, or SIGTERM's -15 when the launcher stopped a process after it had said so
+    assert codes.keys() == {0, 1} and 0 not in codes.values(), p.stdout + p.stderr
+    assert not out.exists()
+
+
+def test_a_process_that_fails_mid_job_stops_every_process(folder, trained_checkpoint, tmp_path):
+    # Process 1 raises in its second chunk: process 0 learns it at that chunk's exchange and stops with one line
+    # naming it, instead of waiting (or being killed by the launcher with nothing said). The first chunk is kept.
+    prompts = _prompts(tmp_path / "in.jsonl", trained_checkpoint, 12)
+    out = tmp_path / "out.jsonl"
+    p = _launch("raise", "1", "batch", "-m", str(folder), "--input", str(prompts), "--output", str(out),
+                "--batch-size", "1", script=FAULTS, timeout=120)
+    text = p.stdout + p.stderr
+    assert "error: process 1 of 2 failed at chunk 2: RuntimeError: injected failure in process 1" in text, text
+    codes = _exit_codes(p)
+    assert codes.keys() == {0, 1} and 0 not in codes.values(), text
+    assert len(out.read_text().splitlines()) == 8  # chunk 1: batch size 1 x 2 processes x 4
+
+
+def test_a_process_that_hangs_ends_the_others_in_bounded_time(folder, trained_checkpoint, tmp_path):
+    # Process 1 never finishes its second chunk and never exits: process 0's watchdog ends its wait at that chunk's
+    # collective after MLX_OPENELM_COLLECTIVE_TIMEOUT seconds (a wait without end before), then the launcher stops
+    # process 1.
+    prompts = _prompts(tmp_path / "in.jsonl", trained_checkpoint, 12)
+    tic = time.monotonic()
+    p = _launch("hang", "1", "batch", "-m", str(folder), "--input", str(prompts), "--output", str(tmp_path / "o.jsonl"),
+                "--batch-size", "1", script=FAULTS, timeout=45, env={"MLX_OPENELM_COLLECTIVE_TIMEOUT": "3"})
+    text = p.stdout + p.stderr
+    assert "error: waited 3 s for the other processes at chunk 2" in text, text
+    codes = _exit_codes(p)
+    assert codes.get(0) == 1 and codes.get(1, 0) != 0, text
+    assert time.monotonic() - tic < 40

@@ -15,7 +15,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
-from openai import OpenAI
+from openai import APITimeoutError, OpenAI
 from tiny import tiny_args
 
 from mlx_openelm import random_model, save
@@ -30,13 +30,14 @@ def _free_port() -> int:
 
 
 class Server:
-    """``mlx-openelm serve`` running on ``url``; its log collected in ``log``."""
+    """``mlx-openelm serve`` running on ``url`` (or ``command``, which takes the same arguments); its log collected
+    in ``log``."""
 
-    def __init__(self, model: Path, root: Path, *args: str):
+    def __init__(self, model: Path, root: Path, *args: str, command: tuple[str, ...] | None = None):
         self.port, self.log = _free_port(), root / f"serve-{time.monotonic_ns()}.log"
         self.url = f"http://127.0.0.1:{self.port}"
-        script = Path(sys.executable).with_name("mlx-openelm")
-        self.proc = subprocess.Popen([str(script), "serve", "--model", str(model), "--port", str(self.port), *args],
+        command = command or (str(Path(sys.executable).with_name("mlx-openelm")), "serve")
+        self.proc = subprocess.Popen([*command, "--model", str(model), "--port", str(self.port), *args],
                                      stdout=open(self.log, "w"), stderr=subprocess.STDOUT)
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:
@@ -197,7 +198,8 @@ def test_bad_input_is_an_openai_error_and_the_server_stays_up(served, path, body
     error = obj["error"]
     assert set(error) == {"message", "type", "param", "code"} and error["type"]
     assert expected in (error["code"] or "") or expected in error["message"] or expected == error["param"]
-    assert server.get("/health") == (200, {"status": "ok"})
+    status, health = server.get("/health")
+    assert status == 200 and health["status"] == "ok", health
 
 
 @pytest.fixture(scope="module")
@@ -241,3 +243,21 @@ def test_a_full_queue_is_503_and_a_client_that_leaves_frees_its_slot(random_serv
         stream.close()  # the client goes away mid-stream
         assert waiting.result(timeout=60).usage.completion_tokens == 3
     assert "cancelled after" in server.log.read_text()
+
+
+def test_a_non_streaming_client_that_gives_up_frees_its_slot_at_once(random_served):
+    # Tokens keep coming while it waits, so the server's old check (after 0.5 s without an event) never ran: the
+    # request decoded on for nobody, holding the only slot. Now its disconnect cancels it within a step.
+    server, model = random_served
+    mark = server.log.read_text().count("\n")
+    slow = OpenAI(base_url=server.url + "/v1", api_key="sesame", max_retries=0, timeout=1.5)
+    with pytest.raises(APITimeoutError):
+        slow.completions.create(model=str(model), prompt="a", max_tokens=2000, temperature=0)
+    left = time.monotonic()
+    while time.monotonic() - left < 10 and "cancelled after" not in "".join(server.log.read_text().splitlines()[mark:]):
+        time.sleep(0.05)
+    lines = [line for line in server.log.read_text().splitlines()[mark:] if "cancelled after" in line]
+    assert lines and time.monotonic() - left < 3, server.log.read_text().splitlines()[mark:]
+    tokens = int(lines[0].split("cancelled after ")[1].split()[0])
+    r = server.client("sesame").completions.create(model=str(model), prompt="b", max_tokens=2, temperature=0)
+    assert r.usage.completion_tokens == 2 and tokens < 2000

@@ -10,6 +10,7 @@ number of processes.
 
 from __future__ import annotations
 
+import json
 import math
 import time
 from collections.abc import Callable
@@ -23,7 +24,7 @@ import numpy as np
 from ..bench import check_output
 from ..hub import resolve_model
 from ..load import check_folder
-from .distributed import gather, group, my_batches
+from .distributed import agree_on_job, digest, exchange, group, my_batches
 from .inputs import documents
 
 Window = tuple[int, int, int, int]  # (document, start, end, first scored position)
@@ -111,31 +112,44 @@ def window_nll(model: Any, ids: list[list[int]], batch: list[Window]) -> list[tu
 
 def perplexity(model: Any, tokenizer: Any, data: str | Path, *, seq_len: int = 512, stride: int | None = None,
                batch_size: int = 4, progress: Callable[[int, int], None] | None = None) -> PerplexityResult:
-    """Perplexity of ``model`` over the documents of ``data`` (a file or folder; JSONL lines' ``text``)."""
-    stride = check_settings(seq_len, stride, batch_size, model.args.max_context_length)
-    docs = documents(data)
+    """Perplexity of ``model`` over the documents of ``data`` (a file or folder; JSONL lines' ``text``).
+
+    Under ``mlx.launch`` the processes first check that they have the same documents and settings, then compute a
+    batch each per round and exchange the round's sums: a process that fails makes all of them stop at that round
+    (``distributed.exchange``), and none waits longer than one batch for a slower host."""
     g = group()
-    ids = [tokenizer.encode(text) for _, text in docs]
+    job: dict[str, Any] = {}
+
+    def prepare() -> str:
+        job["stride"] = check_settings(seq_len, stride, batch_size, model.args.max_context_length)
+        job["docs"] = docs = documents(data)
+        job["ids"] = [tokenizer.encode(text) for _, text in docs]
+        if not any(len(ids) > 1 for ids in job["ids"]):
+            raise ValueError(f"--data {data}: no document has a token to score after BOS")
+        return digest(json.dumps([seq_len, job["stride"], batch_size]), repr(model.args), str(tokenizer.vocab_size),
+                      *(text for _, text in docs))
+
+    agree_on_job(prepare, g)
+    docs, ids, stride = job["docs"], job["ids"], job["stride"]
     wins = [(d, *w) for d, doc in enumerate(ids) for w in windows(len(doc), seq_len, stride)]
-    if not wins:
-        raise ValueError(f"--data {data}: no document has a token to score after BOS")
     batches = [wins[i : i + batch_size] for i in range(0, len(wins), batch_size)]
     mine = my_batches(len(batches), g)
+    rounds = -(-len(batches) // g.size())
     mx.reset_peak_memory()
     tic = time.perf_counter()
-    results: dict[int, list[tuple[float, int]]] = {}
-    for done, b in enumerate(mine, 1):
-        results[b] = window_nll(model, ids, batches[b])
+    per_window: list[tuple[float, int]] = []
+    for r in range(rounds):
+        # Round r computes batches r * N ... r * N + N - 1, one per rank: the shares come back in batch order.
+        b = mine[r] if r < len(mine) else None
+        shares = exchange(lambda b=b: window_nll(model, ids, batches[b]) if b is not None else [], g,
+                          f"round {r + 1} of {rounds}")
+        per_window += [tuple(w) for share in shares for w in share]
         if progress:
-            progress(done, len(mine))
-    everything: dict[int, list] = {}
-    for part in gather({str(k): v for k, v in results.items()}, g):
-        everything.update({int(k): v for k, v in part.items()})
+            progress(r + 1, rounds)
     seconds = time.perf_counter() - tic
-    per_window = [w for b in range(len(batches)) for w in everything[b]]
     total = math.fsum(s for s, _ in per_window)
     tokens = sum(n for _, n in per_window)
-    peak = max(gather(mx.get_peak_memory(), g))
+    peak = max(exchange(mx.get_peak_memory, g, "the end of the job"))
     return PerplexityResult(tokens=tokens, nll=total / tokens, ppl=math.exp(total / tokens), documents=len(docs),
                             windows=len(wins), seq_len=seq_len, stride=stride, batch_size=batch_size,
                             ranks=g.size(), seconds=seconds, tokens_per_second=tokens / seconds,

@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hmac
 import json
+import logging
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -18,8 +20,10 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 from . import params
-from .params import ApiError
+from .params import ApiError, shown
 from .scheduler import Job, Scheduler
+
+log = logging.getLogger("mlx_openelm.server")
 
 
 class Api:
@@ -32,7 +36,12 @@ class Api:
         self.created = int(time.time())
 
     def check_key(self, request: Request) -> None:
-        if self.api_key is not None and request.headers.get("authorization") != f"Bearer {self.api_key}":
+        """Raise 401 unless the request carries ``Authorization: Bearer KEY``, compared in constant time (a plain
+        ``!=`` stops at the first wrong byte, which tells a patient client how much of its guess was right)."""
+        if self.api_key is None:
+            return
+        got = request.headers.get("authorization", "").encode("latin-1")  # the header's bytes, as sent
+        if not hmac.compare_digest(got, f"Bearer {self.api_key}".encode()):
             raise ApiError(401, "missing or wrong API key: send Authorization: Bearer KEY", code="invalid_api_key",
                            kind="authentication_error")
 
@@ -53,8 +62,8 @@ class Api:
         body = params.body_of(raw, self.max_body_bytes)
         model = body.get("model")
         if model is not None and model != self.model_id:
-            raise ApiError(404, f"the model {model!r} does not exist here: this server serves {self.model_id!r}",
-                           "model", "model_not_found")
+            raise ApiError(404, f"the model {shown(model)} does not exist here: this server serves "
+                           f"{self.model_id!r}", "model", "model_not_found")
         return body
 
     def job(self, ids: list[int], settings: params.Settings) -> tuple[Job, asyncio.Queue]:
@@ -92,15 +101,17 @@ def _choice(kind: str, text: str | None, finish: str | None, stream: bool, first
     return {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}
 
 
-async def _next(queue: asyncio.Queue, request: Request, job: Job) -> tuple:
-    # The next event; a client that went away cancels its job (its slot frees at the next step).
-    while True:
-        try:
-            return await asyncio.wait_for(queue.get(), timeout=0.5)
-        except asyncio.TimeoutError:
-            if await request.is_disconnected():
-                job.cancel()
-                raise asyncio.CancelledError from None
+async def _watch(request: Request, job: Job, queue: asyncio.Queue) -> None:
+    # Waits for the client to go away (uvicorn's http.disconnect, sent the moment the connection closes) and then
+    # cancels its job, which leaves the batch at the next step, and wakes the handler with a ("gone",) event.
+    try:
+        while (await request.receive())["type"] != "http.disconnect":
+            pass
+    except Exception:  # noqa: BLE001 - no word from the server: the request goes on
+        log.exception("%s: cannot watch for the client's disconnect", job.id)
+        return
+    job.cancel()
+    queue.put_nowait(("gone",))
 
 
 async def _respond(api: Api, request: Request, kind: str, ids: list[int], settings: params.Settings) -> Response:
@@ -110,12 +121,18 @@ async def _respond(api: Api, request: Request, kind: str, ids: list[int], settin
     head = {"id": rid, "object": obj + (".chunk" if settings.stream and kind == "chat" else ""), "created": created,
             "model": api.model_id}
     if not settings.stream:
+        # Starlette watches a streaming client itself (it cancels the stream below); this one is watched here, so a
+        # client that gives up frees its slot at once, not after its whole completion was decoded for nobody.
+        watcher = asyncio.create_task(_watch(request, job, queue))
         parts = []
         try:
-            while (event := await _next(queue, request, job))[0] == "text":
+            while (event := await queue.get())[0] == "text":
                 parts.append(event[1])
         finally:
+            watcher.cancel()
             job.cancel()  # no-op once done
+        if event[0] == "gone":
+            return Response(status_code=499)  # nobody reads it
         if event[0] == "error":
             return _error(event[1])
         return JSONResponse({**head, "choices": [_choice(kind, "".join(parts), event[1], False)], "usage": event[2],
@@ -126,7 +143,7 @@ async def _respond(api: Api, request: Request, kind: str, ids: list[int], settin
             first = kind == "chat"
             if first:
                 yield _sse({**head, "choices": [_choice(kind, "", None, True, first=True)]})
-            while (event := await _next(queue, request, job))[0] == "text":
+            while (event := await queue.get())[0] == "text":
                 yield _sse({**head, "choices": [_choice(kind, event[1], None, True)]})
             if event[0] == "error":
                 yield _sse(event[1].body())
@@ -181,16 +198,30 @@ def create_app(api: Api) -> Starlette:
                                                           "created": api.created, "owned_by": "mlx-openelm"}]})
 
     async def health(request: Request) -> Response:
-        return JSONResponse({"status": "ok"})
+        # The scheduler's liveness, and how many requests it holds: 503 once it is gone (nothing would be answered)
+        # or while the server shuts down.
+        scheduler = api.scheduler
+        if not scheduler.alive:
+            failure = scheduler.failure
+            why = f"{type(failure).__name__}: {failure}" if failure is not None else "stopped"
+            return JSONResponse({"status": "error", "error": f"the scheduler is gone ({why})"}, status_code=503)
+        if scheduler.draining:
+            return JSONResponse({"status": "shutting down", **scheduler.load()}, status_code=503)
+        return JSONResponse({"status": "ok", **scheduler.load()})
 
     async def not_found(request: Request, exc: HTTPException) -> Response:
         return _error(ApiError(exc.status_code, f"{request.method} {request.url.path}: {exc.detail}"))
 
+    async def internal(request: Request, exc: Exception) -> Response:
+        # A bug, not the client's doing: still OpenAI's error object, never a plain-text page (Starlette logs it).
+        return _error(ApiError(500, f"internal error ({type(exc).__name__})", kind="server_error"))
+
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         yield
-        api.scheduler.stop()  # at shutdown, while the event loop still runs to deliver the last events
+        await asyncio.to_thread(api.scheduler.stop)  # joins the thread: never on the event loop
 
     routes = [Route("/v1/chat/completions", chat, methods=["POST"]), Route("/v1/completions", completions,
               methods=["POST"]), Route("/v1/models", models, methods=["GET"]), Route("/health", health)]
-    return Starlette(routes=routes, exception_handlers={HTTPException: not_found}, lifespan=lifespan)
+    return Starlette(routes=routes, exception_handlers={HTTPException: not_found, Exception: internal},
+                     lifespan=lifespan)

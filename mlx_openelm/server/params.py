@@ -1,7 +1,14 @@
-"""OpenAI request bodies -> validated generation settings. Every problem is an :class:`ApiError` naming the field."""
+"""OpenAI request bodies -> validated generation settings. Every problem is an :class:`ApiError` naming the field.
+
+Every number is checked finite and in range here, on the event loop, so nothing a client sends can raise later on
+the scheduler thread, where one request's error would reach the others in its batch.
+"""
 
 from __future__ import annotations
 
+import json
+import math
+import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -43,23 +50,40 @@ class Settings:
     include_usage: bool
 
 
-def _number(body: dict, name: str, default: float, low: float, high: float | None = None) -> float:
-    value = body.get(name, default)
+INT64_MAX = (1 << 63) - 1
+
+
+def shown(value: Any) -> str:
+    """``value`` for an error message: short, whatever a client sent (a huge integer, a deep list, a long text)."""
+    if isinstance(value, int) and value.bit_length() > 128:
+        return f"an integer of {value.bit_length()} bits"
+    try:
+        text = repr(value)
+    except RecursionError:
+        return f"a deeply nested {type(value).__name__}"
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+def _number(body: dict, name: str, default: float, low: float, high: float, low_open: bool = False) -> float:
+    """A finite number in ``[low, high]`` (``(low, high]`` when ``low_open``); ``default`` when absent or null."""
+    value = body.get(name)
     if value is None:
         return default
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or value < low or (high is not None
-                                                                                       and value > high):
-        bound = f"between {low} and {high}" if high is not None else f">= {low}"
-        raise ApiError(400, f"{name} must be a number {bound}, got {value!r}", name)
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and (isinstance(value, int)
+                                                                            or math.isfinite(value))
+    if not ok or not (low < value if low_open else low <= value) or value > high:
+        raise ApiError(400, f"{name} must be a number {'>' if low_open else '>='} {low:g} and <= {high:g}, got "
+                       f"{shown(value)}", name)
     return float(value)
 
 
-def _integer(body: dict, name: str, low: int) -> int | None:
+def _integer(body: dict, name: str, low: int, high: int = INT64_MAX) -> int | None:
+    """An integer in ``[low, high]``; None when absent or null."""
     value = body.get(name)
     if value is None:
         return None
-    if isinstance(value, bool) or not isinstance(value, int) or value < low:
-        raise ApiError(400, f"{name} must be an integer >= {low}, got {value!r}", name)
+    if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+        raise ApiError(400, f"{name} must be an integer between {low} and {high}, got {shown(value)}", name)
     return value
 
 
@@ -68,7 +92,8 @@ def settings(body: dict) -> Settings:
     for name, allowed in UNSUPPORTED.items():
         value = body.get(name)
         if value is not None and value != allowed and value not in FALSY:
-            raise ApiError(400, f"{name}={value!r} is not supported by this server", name, "unsupported_parameter")
+            raise ApiError(400, f"{name}={shown(value)} is not supported by this server", name,
+                           "unsupported_parameter")
     max_tokens = _integer(body, "max_completion_tokens", 1)
     max_tokens = max_tokens if max_tokens is not None else _integer(body, "max_tokens", 1)
     stop = body.get("stop")
@@ -78,21 +103,28 @@ def settings(body: dict) -> Settings:
     options = body.get("stream_options") or {}
     if not isinstance(options, dict):
         raise ApiError(400, "stream_options must be an object", "stream_options")
+    include_usage = options.get("include_usage", False)
+    if not isinstance(include_usage, bool):
+        raise ApiError(400, f"stream_options.include_usage must be true or false, got {shown(include_usage)}",
+                       "stream_options.include_usage")
     stream = body.get("stream", False)
+    if stream is None:
+        stream = False
     if not isinstance(stream, bool):
-        raise ApiError(400, f"stream must be true or false, got {stream!r}", "stream")
-    penalty = body.get("repetition_penalty")
+        raise ApiError(400, f"stream must be true or false, got {shown(stream)}", "stream")
+    top_k = _integer(body, "top_k", 0)
+    penalty = _number(body, "repetition_penalty", 1.0, 0.0, 1e6, low_open=True)
     return Settings(
         max_tokens=max_tokens,
         temperature=_number(body, "temperature", 1.0, 0.0, 2.0),
         top_p=_number(body, "top_p", 1.0, 0.0, 1.0),
-        top_k=int(_number(body, "top_k", 0, 0)),
+        top_k=0 if top_k is None else top_k,
         min_p=_number(body, "min_p", 0.0, 0.0, 1.0),
-        repetition_penalty=None if penalty is None else _number(body, "repetition_penalty", 1.0, 1e-6),
-        seed=_integer(body, "seed", 0),
+        repetition_penalty=None if body.get("repetition_penalty") is None else penalty,
+        seed=_integer(body, "seed", 0, (1 << 64) - 1),  # what mx.random.key takes
         stop=stops,
         stream=stream,
-        include_usage=bool(options.get("include_usage", False)),
+        include_usage=include_usage,
     )
 
 
@@ -132,16 +164,24 @@ def prompt(body: dict) -> str | list[int]:
     raise ApiError(400, "prompt must be non-empty text or a list of token ids", "prompt")
 
 
-def body_of(raw: bytes, limit: int) -> dict[str, Any]:
-    """The JSON object of a request body, at most ``limit`` bytes."""
-    import json
+_SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
 
+
+def body_of(raw: bytes, limit: int) -> dict[str, Any]:
+    """The JSON object of a request body, at most ``limit`` bytes, whose text is all encodable characters."""
     if len(raw) > limit:
         raise ApiError(413, f"the request body is {len(raw)} bytes, more than this server's limit of {limit}")
     try:
         body = json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ApiError(400, f"the request body is not valid JSON: {e}") from None
+    except ValueError as e:  # JSONDecodeError, UnicodeDecodeError, an integer of more than 4300 digits
+        raise ApiError(400, f"the request body is not valid JSON: {str(e)[:200]}") from None
+    except RecursionError:
+        raise ApiError(400, "the request body is not valid JSON: nested too deeply") from None
     if not isinstance(body, dict):
         raise ApiError(400, "the request body must be a JSON object")
+    if _SURROGATE_ESCAPE.search(raw):  # "\ud800" alone decodes to a character no reply or tokenizer can encode
+        try:
+            json.dumps(body, ensure_ascii=False).encode("utf-8")
+        except UnicodeEncodeError:
+            raise ApiError(400, "the request body holds a lone UTF-16 surrogate (\\ud800-\\udfff): not text") from None
     return body

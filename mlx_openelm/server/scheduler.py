@@ -8,9 +8,11 @@ It knows nothing of HTTP: a :class:`Job` carries token ids and settings in, and 
 from __future__ import annotations
 
 import collections
+import contextlib
 import itertools
 import logging
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -28,11 +30,17 @@ log = logging.getLogger("mlx_openelm.server")
 PREFILL_CHUNK = 256  # prompt tokens prefilled between two decode steps (shared by the prompts in flight)
 
 
+def shutting_down() -> ApiError:
+    """The error of a request the server refuses or stops because it is shutting down."""
+    return ApiError(503, "the server is shutting down: retry later", kind="server_error", code="shutting_down")
+
+
 @dataclass(eq=False)
 class Job:
     """One request: prompt ids, settings, the token budget, and where its events go.
 
-    Events: ``("text", str)`` pieces, then ``("done", finish_reason, usage)`` or ``("error", ApiError)``.
+    Events: ``("text", str)`` pieces, then ``("done", finish_reason, usage)`` or ``("error", ApiError)``; ``emit``
+    is called on the scheduler thread and must not block.
     """
 
     ids: list[int]
@@ -48,27 +56,56 @@ class Job:
 
 
 class Scheduler:
-    """Runs jobs on ``model``: at most ``max_batch`` decode together, ``max_queue`` more may wait (503 beyond)."""
+    """Runs jobs on ``model``: at most ``max_batch`` decode together, ``max_queue`` more may wait (503 beyond).
+
+    A job's failure (its sampler, its stop logic) is its own: the others in the batch go on. Should the thread itself
+    die, every job in flight gets an error, :attr:`alive` turns False and ``on_death`` is called (the server exits).
+    """
 
     def __init__(self, model: Any, tokenizer: Any, *, max_batch: int = 8, max_queue: int = 32,
-                 prompt_cache_bytes: int = 256 << 20, draft_model: Any = None, num_draft_tokens: int = 3):
+                 prompt_cache_bytes: int = 256 << 20, draft_model: Any = None, num_draft_tokens: int = 3,
+                 on_death: Callable[[BaseException], None] | None = None):
         self.model, self.tokenizer = model, tokenizer
         self.max_batch, self.max_queue = max_batch, max_queue
         self.draft_model, self.num_draft_tokens = draft_model, num_draft_tokens
         self.prefixes = PrefixCache(prompt_cache_bytes)
+        self.on_death = on_death
+        self.failure: BaseException | None = None  # what killed the thread
+        self.jobs: dict[Sequence, Job] = {}  # the jobs in the engine
         self._waiting: collections.deque[Job] = collections.deque()
         self._active = 0  # jobs admitted and not finished (prefilling or decoding)
         self._wake = threading.Condition()
         self._stopping = False
+        self._deadline: float | None = None  # set by drain(): running jobs end by then
         self._ids = itertools.count(1)
         self._thread = threading.Thread(target=self._run, name="mlx-openelm-scheduler", daemon=True)
         self._thread.start()
 
+    @property
+    def alive(self) -> bool:
+        """Whether the thread runs (False once it died or stopped)."""
+        return self._thread.is_alive() and self.failure is None
+
+    @property
+    def draining(self) -> bool:
+        """Whether :meth:`drain` was called: no new job is taken."""
+        return self._deadline is not None
+
+    def load(self) -> dict[str, int]:
+        """Jobs admitted and not finished (``running``) and queued (``waiting``)."""
+        return {"running": self._active, "waiting": len(self._waiting)}
+
     def submit(self, job: Job) -> None:
-        """Queue ``job``; raises ``ApiError(503)`` when the batch is full and ``max_queue`` requests already wait."""
+        """Queue ``job``; raises ``ApiError(503)`` when the batch is full and ``max_queue`` requests already wait, or
+        when the server is shutting down or its scheduler is gone."""
         with self._wake:
-            if self._stopping:
-                raise ApiError(503, "the server is shutting down", kind="server_error", code="shutting_down")
+            if self.failure is not None or not self._thread.is_alive():
+                raise ApiError(503, "the server's scheduler has stopped: the server is restarting", kind="server_error",
+                               code="scheduler_failed")
+            if self._stopping or self._deadline is not None:
+                raise shutting_down()
+            if len(self._waiting) >= self.max_queue:  # jobs whose clients left no longer hold a place
+                self._waiting = collections.deque(j for j in self._waiting if not j.cancelled)
             if len(self._waiting) >= self.max_queue + max(0, self.max_batch - self._active):
                 raise ApiError(503, f"the server is busy ({self.max_batch} requests decoding, {self.max_queue} "
                                "waiting): retry later", kind="server_error", code="queue_full")
@@ -76,8 +113,17 @@ class Scheduler:
             self._waiting.append(job)
             self._wake.notify()
 
+    def drain(self, grace: float) -> None:
+        """Begin shutting down without blocking: queued jobs are refused now; running ones have ``grace`` seconds to
+        finish, then each gets an error event. Safe to call on the event loop, and more than once."""
+        with self._wake:
+            if self._deadline is None:
+                self._deadline = time.monotonic() + grace
+            self._wake.notify()
+
     def stop(self, timeout: float = 10.0) -> None:
-        """Cancel what is queued or running and stop the thread (their clients get a 503 error event)."""
+        """Cancel what is queued or running and stop the thread (their clients get a 503 error event). Blocks up to
+        ``timeout`` seconds: call it off the event loop."""
         with self._wake:
             self._stopping = True
             self._wake.notify()
@@ -88,8 +134,23 @@ class Scheduler:
     # --- the thread -------------------------------------------------------------------------------------------
 
     def _run(self) -> None:
+        try:
+            self._loop()
+        except BaseException as e:  # noqa: BLE001 - a bug, or worse: the server must not go on answering
+            with self._wake:
+                self.failure = e
+                waiting, self._waiting = list(self._waiting), collections.deque()
+            log.critical("the scheduler thread died (%s: %s)", type(e).__name__, e, exc_info=e)
+            error = ApiError(500, f"the server's scheduler failed ({type(e).__name__}: {e}): the server is restarting",
+                             kind="server_error", code="scheduler_failed")
+            for job in [*waiting, *self.jobs.values()]:
+                with contextlib.suppress(Exception):
+                    job.emit(("error", error))
+            if self.on_death is not None:
+                self.on_death(e)
+
+    def _loop(self) -> None:
         self.engine = BatchEngine(self.model, self.prefixes)
-        self.jobs: dict[Sequence, Job] = {}
         self._last_batch: tuple = ()
         while True:
             with self._wake:
@@ -97,10 +158,14 @@ class Scheduler:
                     self._wake.wait()
                 if self._stopping:
                     break
-                admitted = []
+                admitted, refused = [], []
+                if self._deadline is not None:  # shutting down: nothing new starts
+                    refused, self._waiting = list(self._waiting), collections.deque()
                 while self._waiting and self._active + len(admitted) < self.max_batch:
                     admitted.append(self._waiting.popleft())
                 self._active += len(admitted)
+            for job in refused:
+                job.emit(("error", shutting_down()))
             for job in admitted:
                 try:
                     self._admit(job)
@@ -109,6 +174,8 @@ class Scheduler:
                     job.emit(("error", ApiError(500, f"generation failed ({type(e).__name__}: {e})",
                                                 kind="server_error")))
                     self._done()
+            if self._past_deadline():
+                self._end_running()
             for seq, job in self.jobs.items():  # a client that went away stops its sequence at this step
                 if job.cancelled:
                     seq.cancel()
@@ -118,14 +185,27 @@ class Scheduler:
                 self._events(self.engine.prefill(max(32, PREFILL_CHUNK // max(1, len(self.engine.prefilling)))))
                 self._log_batch()
                 self._events(self.engine.decode())
-            except Exception as e:  # noqa: BLE001 - the server stays up: every job in flight gets the error
+            except Exception as e:  # noqa: BLE001 - the whole step failed (not one row): every job in it is told
                 log.exception("decoding failed")
                 self._fail_all(ApiError(500, f"decoding failed ({type(e).__name__}: {e})", kind="server_error"))
+                self.engine.close()
                 self.engine = BatchEngine(self.model, self.prefixes)
         with self._wake:
             waiting, self._waiting = list(self._waiting), collections.deque()
         self._fail_all(ApiError(503, "the server shut down", kind="server_error", code="shutting_down"), waiting)
+        self.engine.close()
         mx.synchronize(generation_stream())  # nothing of this thread's may still run while the process exits
+
+    def _past_deadline(self) -> bool:
+        return self._deadline is not None and time.monotonic() >= self._deadline
+
+    def _end_running(self) -> None:
+        # The grace is over: every running job gets its error event now and leaves the engine at this step.
+        for seq, job in self.jobs.items():
+            if not job.cancelled:
+                log.info("%s stopped by the shutdown after %d tokens", job.id, seq.generated)
+                job.emit(("error", shutting_down()))
+                job.cancel()
 
     def _fail_all(self, error: ApiError, extra: list[Job] = ()) -> None:
         for job in [*extra, *self.jobs.values()]:
@@ -173,15 +253,20 @@ class Scheduler:
         if seq.finish_reason == "cancelled":
             log.info("%s cancelled after %d tokens", job.id, seq.generated)
             return True
+        if seq.finish_reason == "error":  # this request's own sampler or stop logic: it alone fails
+            e = seq.error
+            log.error("%s failed after %d tokens (%s: %s)", job.id, seq.generated, type(e).__name__, e, exc_info=e)
+            job.emit(("error", ApiError(500, f"generation failed ({type(e).__name__}: {e})", kind="server_error")))
+            return True
         if text:
             job.emit(("text", text))
         if seq.finish_reason is None:
             return False
         usage = {"prompt_tokens": len(job.ids), "completion_tokens": seq.generated,
                  "total_tokens": len(job.ids) + seq.generated}
-        job.emit(("done", seq.finish_reason, usage))
         log.info("%s done: %d prompt tokens (%d from the prompt cache), %d generated, %s; decoded in batches of up "
                  "to %d", job.id, len(job.ids), seq.reused, seq.generated, seq.finish_reason, seq.widest_batch)
+        job.emit(("done", seq.finish_reason, usage))  # after the log line: a client that reads the log finds it
         return True
 
     def _run_speculative(self, job: Job) -> None:
@@ -194,7 +279,12 @@ class Scheduler:
                               num_draft_tokens=self.num_draft_tokens)
         try:
             for token, _ in steps:
-                if job.cancelled or self._stopping or self._emit(job, seq, seq.add(token)):
+                if job.cancelled:
+                    break
+                if self._stopping or self._past_deadline():
+                    job.emit(("error", shutting_down()))
+                    break
+                if self._emit(job, seq, seq.add(token)):
                     break
         finally:
             steps.close()
