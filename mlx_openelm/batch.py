@@ -31,8 +31,12 @@ class Sequence:
     there is no text: only the budget ends it."""
 
     def __init__(self, tokenizer: Any, ids: Seq[int], budget: int, stop: Seq[str] = (), sampler: Sampler | None = None,
-                 processors: Seq[LogitsProcessor] = ()):
+                 processors: Seq[LogitsProcessor] = (), logprobs: int | None = None):
         self.ids, self.budget = list(ids), budget
+        # With ``logprobs`` (N), each generated token's log-probability and the N most likely tokens' are recorded in
+        # ``token_logprobs`` (:data:`TokenLogprob`), from the token choice's own distribution.
+        self.logprobs = logprobs
+        self.token_logprobs: list[TokenLogprob] = []
         self.sampler, self.processors = sampler or greedy, list(processors)
         self.assembler = TextAssembler(tokenizer, stop, budget) if tokenizer is not None else None
         self.tokens: list[int] = []  # generated so far
@@ -74,6 +78,7 @@ class Sequence:
         return text
 
 
+TokenLogprob = tuple[int, float, list[tuple[int, float]]]  # (token, its log-probability, the N most likely, sorted)
 Event = tuple[Sequence, str]  # a sequence and its new text; ``finish_reason`` set on its last event
 
 
@@ -84,6 +89,7 @@ class BatchEngine:
     def __init__(self, model: nn.Module, prefixes: PrefixCache | None = None, kernels: str = "auto"):
         self.model, self.prefixes = model, prefixes
         self.step = DecodeStep(model, kernels=kernels)
+        self.scorer = DecodeStep(model, compile=False, kernels=kernels)  # prompt scoring: every length differs
         self.cache = KVCache(model.args.num_kv_heads, model.args.head_dim, cache_dtype(model), rows=0)
         self.prefilling: list[Sequence] = []
         self.running: list[Sequence] = []
@@ -144,14 +150,19 @@ class BatchEngine:
         with mx.stream(generation_stream()):
             logits = self.step(self.cache, mx.array([[s.last] for s in self.running], dtype=mx.uint32))
             chosen: list[mx.array | None] = []
+            dists: dict[int, mx.array] = {}  # the distributions of the rows that report log-probabilities
             for i, s in enumerate(self.running):
                 s.history.append(s.last)
                 try:
-                    chosen.append(choose(logits[i : i + 1], s.sampler, s.processors, s.history)[0])
+                    token, logprobs = choose(logits[i : i + 1], s.sampler, s.processors, s.history)
+                    chosen.append(token)
+                    if s.logprobs is not None:
+                        dists[i] = logprobs[0]
                 except Exception as e:  # noqa: BLE001 - one row's sampler or processors fail that row alone
                     s.fail(e)
                     chosen.append(None)
             tokens = self._read(chosen)
+            self._record(dists, tokens)
         self.steps += 1
         every = backend.clear_cache_every()  # rows joining and leaving reallocate whole-batch KV buffers
         if every and self.steps % every == 0:
@@ -172,6 +183,32 @@ class BatchEngine:
                     self.prefixes.store(s.history, self.cache.copy_prefix(i, len(s.history)))
         self._leave(done)
         return events
+
+    def _record(self, dists: dict[int, mx.array], tokens: list[int | None]) -> None:
+        rows = [i for i in dists if tokens[i] is not None and self.running[i].error is None]
+        if not rows:
+            return
+        found = top_logprobs(mx.stack([dists[i] for i in rows]), [tokens[i] for i in rows],
+                             [self.running[i].logprobs for i in rows])
+        for i, entry in zip(rows, found):
+            self.running[i].token_logprobs.append(entry)
+
+    def prompt_logprobs(self, prompts: list[list[int]], top: int) -> list[list[TokenLogprob]]:
+        """Each prompt token's log-probability given the tokens before it, and the ``top`` most likely there (none
+        for the first token): one pass over all the prompts (right-padded rows of one cache, through the same token
+        choice as decoding)."""
+        cache = KVCache.like(self.cache, rows=len(prompts))
+        width = max(map(len, prompts)) - 1
+        if width == 0:
+            return [[] for _ in prompts]
+        tokens = mx.array([p[:-1] + [0] * (width + 1 - len(p)) for p in prompts], dtype=mx.uint32)
+        with mx.stream(generation_stream()):
+            logits = self.scorer.verify(cache, tokens)
+            out = []
+            for row, p in zip(logits, prompts):
+                _, logprobs = choose(row[: max(len(p) - 1, 1)])
+                out.append(top_logprobs(logprobs, p[1:], [top] * (len(p) - 1)) if len(p) > 1 else [])
+        return out
 
     def _read(self, chosen: list[mx.array | None]) -> list[int | None]:
         """Each running row's token: one host read when every row is sound. Otherwise (a row failed already, or
@@ -221,3 +258,13 @@ class BatchEngine:
         self.running = [self.running[i] for i in keep]
         self.cache.take(keep)
         mx.eval(self.cache.state)
+
+
+def top_logprobs(stacked: mx.array, tokens: list[int], tops: list[int]) -> list[TokenLogprob]:
+    """For each row of ``stacked`` (``logprobs[rows, vocab]``): its token's own log-probability and the ``top`` most
+    likely tokens', most likely first (the token's own is reported even when it is not among them). One host read."""
+    n = max(max(tops), 1)
+    best = mx.argsort(-stacked, axis=-1)[:, :n]
+    own = stacked[mx.arange(len(tokens)), mx.array(tokens)]
+    values, ids, own = mx.take_along_axis(stacked, best, axis=-1).tolist(), best.tolist(), own.tolist()
+    return [(t, o, list(zip(i[:k], v[:k]))) for t, o, i, v, k in zip(tokens, own, ids, values, tops)]

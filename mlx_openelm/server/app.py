@@ -66,6 +66,23 @@ class Api:
                            f"{self.model_id!r}", "model", "model_not_found")
         return body
 
+    def token_ids(self, value: Any, field: str) -> list[int]:
+        """``value`` as token ids of this vocabulary, or a 400 naming ``field``."""
+        if not (isinstance(value, list) and all(isinstance(t, int) and not isinstance(t, bool) for t in value)):
+            raise ApiError(400, f"{field} must be a list of token ids", field)
+        bad = [t for t in value if not 0 <= t < self.tokenizer.vocab_size]
+        if bad:
+            raise ApiError(400, f"{field}: token {shown(bad[0])} is outside the vocabulary of "
+                           f"{self.tokenizer.vocab_size}", field)
+        return value
+
+    def encoded(self, prompt: str | list[int]) -> tuple[list[int], str]:
+        """A completions prompt's ids (text is encoded with BOS) and its text (what ``echo`` returns)."""
+        if isinstance(prompt, str):
+            return self.tokenizer.encode(prompt), prompt
+        ids = self.token_ids(prompt, "prompt")
+        return ids, self.tokenizer.decode(ids)
+
     def job(self, ids: list[int], settings: params.Settings) -> tuple[Job, asyncio.Queue]:
         room = self.max_context - len(ids)
         if room < 1:
@@ -78,7 +95,8 @@ class Api:
             with contextlib.suppress(RuntimeError):  # the loop closed: the client is gone anyway
                 loop.call_soon_threadsafe(queue.put_nowait, event)
 
-        job = Job(ids, settings, min(settings.max_tokens or room, room), emit=emit)
+        budget = room if settings.max_tokens is None else min(settings.max_tokens, room)
+        job = Job(ids, settings, budget, emit=emit)
         self.scheduler.submit(job)
         return job, queue
 
@@ -91,64 +109,131 @@ def _id(kind: str) -> str:
     return f"{'chatcmpl' if kind == 'chat' else 'cmpl'}-{uuid.uuid4().hex[:24]}"
 
 
-def _choice(kind: str, text: str | None, finish: str | None, stream: bool, first: bool = False) -> dict:
+def _piece(tokenizer: Any, token: int) -> str:
+    """A token as text, for log-probabilities (its leading space kept; a control token is empty)."""
+    return tokenizer.decode([token], continuation=True)
+
+
+def _logprobs(api: Api, kind: str, entries: list, offset: int = 0) -> dict:
+    """The ``logprobs`` object of a choice or chunk: completions' parallel lists (a ``None`` log-probability and
+    alternatives for the prompt's first token), chat's list of token objects."""
     if kind == "completion":
-        return {"index": 0, "text": text or "", "logprobs": None, "finish_reason": finish}
+        tokens = [_piece(api.tokenizer, t) for t, _, _ in entries]
+        offsets = [offset + sum(map(len, tokens[:k])) for k in range(len(tokens))]
+        return {"tokens": tokens, "token_logprobs": [lp for _, lp, _ in entries], "text_offset": offsets,
+                "top_logprobs": [None if top is None else {_piece(api.tokenizer, t): v for t, v in top}
+                                 for _, _, top in entries]}
+
+    def item(token: int, logprob: float) -> dict:
+        text = _piece(api.tokenizer, token)
+        return {"token": text, "logprob": logprob, "bytes": list(text.encode("utf-8"))}
+
+    return {"content": [item(t, lp) | {"top_logprobs": [item(a, v) for a, v in top]} for t, lp, top in entries]}
+
+
+def _choice(api: Api, kind: str, index: int, text: str | None, finish: str | None, stream: bool,
+            entries: list | None = None, first: bool = False, offset: int = 0) -> dict:
+    logprobs = None if entries is None else _logprobs(api, kind, entries, offset)
+    if kind == "completion":
+        return {"index": index, "text": text or "", "logprobs": logprobs, "finish_reason": finish}
     if not stream:
-        return {"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": None,
+        return {"index": index, "message": {"role": "assistant", "content": text}, "logprobs": logprobs,
                 "finish_reason": finish}
     delta = ({"role": "assistant"} if first else {}) | ({"content": text} if text is not None else {})
-    return {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}
+    return {"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish}
 
 
-async def _watch(request: Request, job: Job, queue: asyncio.Queue) -> None:
+async def _watch(request: Request, jobs: list[tuple[Job, asyncio.Queue]]) -> None:
     # Waits for the client to go away (uvicorn's http.disconnect, sent the moment the connection closes) and then
-    # cancels its job, which leaves the batch at the next step, and wakes the handler with a ("gone",) event.
+    # cancels its jobs, which leave the batch at the next step, and wakes the handler with a ("gone",) event.
     try:
         while (await request.receive())["type"] != "http.disconnect":
             pass
     except Exception:  # noqa: BLE001 - no word from the server: the request goes on
-        log.exception("%s: cannot watch for the client's disconnect", job.id)
+        log.exception("%s: cannot watch for the client's disconnect", jobs[0][0].id)
         return
-    job.cancel()
-    queue.put_nowait(("gone",))
+    for job, queue in jobs:
+        job.cancel()
+        queue.put_nowait(("gone",))
 
 
-async def _respond(api: Api, request: Request, kind: str, ids: list[int], settings: params.Settings) -> Response:
-    job, queue = api.job(ids, settings)
+async def _collect(queue: asyncio.Queue) -> tuple[list[str], list, list | None, tuple]:
+    """A job's text pieces, generated tokens' log-probabilities, echoed prompt's, and its last event."""
+    parts, entries, prompt = [], [], None
+    while (event := await queue.get())[0] in ("text", "prompt"):
+        if event[0] == "prompt":
+            prompt = event[1]
+        else:
+            parts.append(event[1])
+            entries += event[2]
+    return parts, entries, prompt, event
+
+
+def _echoed(ids: list[int], prompt: list | None) -> list:
+    """The echoed prompt's entries: its first token has no log-probability (nothing precedes it)."""
+    return [(ids[0], None, None), *(prompt or [])]
+
+
+async def _respond(api: Api, request: Request, kind: str, prompts: list[tuple[list[int], str]],
+                   settings: params.Settings) -> Response:
+    # ``prompts``: each prompt's ids and text (echoed); each gets its own choice, in order.
+    jobs = []
+    try:
+        for ids, _ in prompts:
+            jobs.append(api.job(ids, settings))
+    except ApiError:
+        for job, _ in jobs:
+            job.cancel()
+        raise
     rid, created = _id(kind), int(time.time())
     obj = "chat.completion" if kind == "chat" else "text_completion"
     head = {"id": rid, "object": obj + (".chunk" if settings.stream and kind == "chat" else ""), "created": created,
             "model": api.model_id}
+    wanted = settings.logprobs is not None
     if not settings.stream:
         # Starlette watches a streaming client itself (it cancels the stream below); this one is watched here, so a
-        # client that gives up frees its slot at once, not after its whole completion was decoded for nobody.
-        watcher = asyncio.create_task(_watch(request, job, queue))
-        parts = []
+        # client that gives up frees its slots at once, not after its whole completion was decoded for nobody.
+        watcher = asyncio.create_task(_watch(request, jobs))
         try:
-            while (event := await queue.get())[0] == "text":
-                parts.append(event[1])
+            results = await asyncio.gather(*(_collect(queue) for _, queue in jobs))
         finally:
             watcher.cancel()
-            job.cancel()  # no-op once done
-        if event[0] == "gone":
+            for job, _ in jobs:
+                job.cancel()  # no-op once done
+        if any(r[3][0] == "gone" for r in results):
             return Response(status_code=499)  # nobody reads it
-        if event[0] == "error":
-            return _error(event[1])
-        return JSONResponse({**head, "choices": [_choice(kind, "".join(parts), event[1], False)], "usage": event[2],
-                             "system_fingerprint": None})
+        for r in results:
+            if r[3][0] == "error":
+                return _error(r[3][1])
+        choices, usage = [], {}
+        for index, ((ids, text), (parts, entries, prompt, event)) in enumerate(zip(prompts, results)):
+            if settings.echo:
+                entries = _echoed(ids, prompt) + entries
+                parts = [text, *parts]
+            choices.append(_choice(api, kind, index, "".join(parts), event[1], False, entries if wanted else None))
+            usage = _add_usage(usage, event[2])
+        return JSONResponse({**head, "choices": choices, "usage": usage, "system_fingerprint": None})
+
+    ((job, queue),), ((ids, text),) = jobs, prompts  # one prompt (params refuses several with stream)
 
     async def events() -> AsyncIterator[str]:
         try:
-            first = kind == "chat"
+            first, offset = kind == "chat", 0
             if first:
-                yield _sse({**head, "choices": [_choice(kind, "", None, True, first=True)]})
-            while (event := await queue.get())[0] == "text":
-                yield _sse({**head, "choices": [_choice(kind, event[1], None, True)]})
+                yield _sse({**head, "choices": [_choice(api, kind, 0, "", None, True, first=True)]})
+            while (event := await queue.get())[0] in ("text", "prompt"):
+                if event[0] == "prompt":
+                    piece, entries = text, _echoed(ids, event[1])
+                else:
+                    piece, entries = event[1], event[2]
+                yield _sse({**head, "choices": [_choice(api, kind, 0, piece, None, True,
+                                                        entries if wanted else None, offset=offset)]})
+                offset += len(piece)
             if event[0] == "error":
                 yield _sse(event[1].body())
             else:
-                yield _sse({**head, "choices": [_choice(kind, None if kind == "chat" else "", event[1], True)]})
+                yield _sse({**head, "choices": [_choice(api, kind, 0, None if kind == "chat" else "", event[1],
+                                                        True)]})
                 if settings.include_usage:
                     yield _sse({**head, "choices": [], "usage": event[2]})
             yield "data: [DONE]\n\n"
@@ -158,34 +243,64 @@ async def _respond(api: Api, request: Request, kind: str, ids: list[int], settin
     return StreamingResponse(events(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
 
 
+def _add_usage(total: dict, usage: dict) -> dict:
+    """Usage summed over a request's prompts."""
+    if not total:
+        return usage
+    out = {k: total[k] + usage[k] for k in ("prompt_tokens", "completion_tokens", "total_tokens")}
+    cached = total["prompt_tokens_details"]["cached_tokens"] + usage["prompt_tokens_details"]["cached_tokens"]
+    return out | {"prompt_tokens_details": {"cached_tokens": cached}}
+
+
 def _sse(obj: dict) -> str:
     return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
 
 
 def create_app(api: Api) -> Starlette:
-    """The Starlette app: ``/v1/chat/completions``, ``/v1/completions``, ``/v1/models``, ``/health``."""
+    """The Starlette app: ``/v1/chat/completions``, ``/v1/completions``, ``/v1/models``, ``/health``, and
+    llama-server's ``/tokenize`` and ``/detokenize``."""
 
     async def chat(request: Request) -> Response:
         try:
             body = await api.body(request)
-            settings, messages = params.settings(body), params.messages(body)
+            settings, messages = params.settings(body, "chat"), params.messages(body)
             try:
                 ids = api.tokenizer.encode(api.tokenizer.apply_chat_template(messages))
             except ValueError as e:
                 raise ApiError(400, str(e), "messages") from None
-            return await _respond(api, request, "chat", ids, settings)
+            return await _respond(api, request, "chat", [(ids, "")], settings)
         except ApiError as e:
             return _error(e)
 
     async def completions(request: Request) -> Response:
         try:
             body = await api.body(request)
-            settings, prompt = params.settings(body), params.prompt(body)
-            ids = api.tokenizer.encode(prompt) if isinstance(prompt, str) else prompt
-            if max(ids) >= api.tokenizer.vocab_size:
-                raise ApiError(400, f"prompt token {max(ids)} is outside the vocabulary of "
-                               f"{api.tokenizer.vocab_size}", "prompt")
-            return await _respond(api, request, "completion", ids, settings)
+            settings, prompts = params.settings(body, "completion"), params.prompts(body)
+            if settings.stream and len(prompts) > 1:
+                raise ApiError(400, "several prompts cannot stream: send them without stream, or one request each",
+                               "prompt")
+            return await _respond(api, request, "completion", [api.encoded(p) for p in prompts], settings)
+        except ApiError as e:
+            return _error(e)
+
+    async def tokenize(request: Request) -> Response:
+        # llama-server's shape: {"content": text, "add_special": bool} -> {"tokens": [ids]}
+        try:
+            body = await api.body(request)
+            content, special = body.get("content"), body.get("add_special", False)
+            if not isinstance(content, str):
+                raise ApiError(400, "content must be text", "content")
+            if not isinstance(special, bool):
+                raise ApiError(400, f"add_special must be true or false, got {shown(special)}", "add_special")
+            return JSONResponse({"tokens": api.tokenizer.encode(content, bos=special)})
+        except ApiError as e:
+            return _error(e)
+
+    async def detokenize(request: Request) -> Response:
+        # llama-server's shape: {"tokens": [ids]} -> {"content": text}
+        try:
+            body = await api.body(request)
+            return JSONResponse({"content": api.tokenizer.decode(api.token_ids(body.get("tokens"), "tokens"))})
         except ApiError as e:
             return _error(e)
 
@@ -222,6 +337,7 @@ def create_app(api: Api) -> Starlette:
         await asyncio.to_thread(api.scheduler.stop)  # joins the thread: never on the event loop
 
     routes = [Route("/v1/chat/completions", chat, methods=["POST"]), Route("/v1/completions", completions,
-              methods=["POST"]), Route("/v1/models", models, methods=["GET"]), Route("/health", health)]
+              methods=["POST"]), Route("/v1/models", models, methods=["GET"]), Route("/health", health),
+              Route("/tokenize", tokenize, methods=["POST"]), Route("/detokenize", detokenize, methods=["POST"])]
     return Starlette(routes=routes, exception_handlers={HTTPException: not_found, Exception: internal},
                      lifespan=lifespan)

@@ -28,8 +28,9 @@ class ApiError(Exception):
 
 # Fields that would change the result if honoured: refused rather than silently ignored (name -> allowed value).
 UNSUPPORTED = {"n": 1, "best_of": 1, "tools": None, "tool_choice": None, "functions": None, "function_call": None,
-               "logprobs": None, "top_logprobs": None, "logit_bias": None, "presence_penalty": 0,
-               "frequency_penalty": 0, "response_format": None, "echo": False, "suffix": None}
+               "logit_bias": None, "presence_penalty": 0, "frequency_penalty": 0, "response_format": None,
+               "suffix": None}
+MAX_TOP_LOGPROBS = 20  # alternatives reported per token (OpenAI's chat limit; its completions allow 5)
 FALSY = (None, False, 0, [], {}, "", "none", "auto", "text")
 ROLES = ("system", "user", "assistant")
 
@@ -48,6 +49,8 @@ class Settings:
     stop: tuple[str, ...]
     stream: bool
     include_usage: bool
+    logprobs: int | None = None  # None: none reported; N: each token's log-probability and the N most likely
+    echo: bool = False  # completions: the prompt comes back first, with its tokens' log-probabilities
 
 
 INT64_MAX = (1 << 63) - 1
@@ -87,15 +90,34 @@ def _integer(body: dict, name: str, low: int, high: int = INT64_MAX) -> int | No
     return value
 
 
-def settings(body: dict) -> Settings:
-    """The generation settings of a chat or completions request body."""
+def _logprobs(body: dict, kind: str) -> int | None:
+    """How many alternatives to report per token, or None: completions take ``logprobs`` as that count, chat takes
+    ``logprobs: true`` and ``top_logprobs``."""
+    if kind == "completion":
+        return _integer(body, "logprobs", 0, MAX_TOP_LOGPROBS)
+    wanted = body.get("logprobs")
+    if wanted is not None and not isinstance(wanted, bool):
+        raise ApiError(400, f"logprobs must be true or false, got {shown(wanted)}", "logprobs")
+    top = _integer(body, "top_logprobs", 0, MAX_TOP_LOGPROBS)
+    if top is not None and not wanted:
+        raise ApiError(400, "top_logprobs needs logprobs: true", "top_logprobs")
+    return (top or 0) if wanted else None
+
+
+def settings(body: dict, kind: str = "chat") -> Settings:
+    """The generation settings of a chat (``kind="chat"``) or completions (``"completion"``) request body."""
+    if kind == "chat" and body.get("echo") not in (None, False):
+        raise ApiError(400, "echo is a completions field: this is a chat request", "echo", "unsupported_parameter")
+    echo = body.get("echo", False) if kind == "completion" else False
+    if not isinstance(echo, bool):
+        raise ApiError(400, f"echo must be true or false, got {shown(echo)}", "echo")
     for name, allowed in UNSUPPORTED.items():
         value = body.get(name)
         if value is not None and value != allowed and value not in FALSY:
             raise ApiError(400, f"{name}={shown(value)} is not supported by this server", name,
                            "unsupported_parameter")
     max_tokens = _integer(body, "max_completion_tokens", 1)
-    max_tokens = max_tokens if max_tokens is not None else _integer(body, "max_tokens", 1)
+    max_tokens = max_tokens if max_tokens is not None else _integer(body, "max_tokens", 0 if echo else 1)
     stop = body.get("stop")
     stops = (stop,) if isinstance(stop, str) else tuple(stop or ())
     if not all(isinstance(s, str) and s for s in stops) or len(stops) > 4:
@@ -125,6 +147,8 @@ def settings(body: dict) -> Settings:
         stop=stops,
         stream=stream,
         include_usage=include_usage,
+        logprobs=_logprobs(body, kind),
+        echo=echo,
     )
 
 
@@ -149,19 +173,20 @@ def messages(body: dict) -> list[dict[str, str]]:
     return out
 
 
-def prompt(body: dict) -> str | list[int]:
-    """The ``prompt`` of a completions request: text, one text in a list, or token ids."""
+def prompts(body: dict) -> list[str | list[int]]:
+    """The ``prompt`` of a completions request as a list of prompts: text, token ids, or a list of either."""
     value = body.get("prompt")
-    if isinstance(value, list) and len(value) == 1 and isinstance(value[0], (str, list)):
-        value = value[0]
-    if isinstance(value, str) and value:
-        return value
-    if isinstance(value, list) and value and all(isinstance(t, int) and not isinstance(t, bool) and t >= 0
-                                                 for t in value):
-        return value
-    if isinstance(value, list) and len(value) > 1 and all(isinstance(v, str) for v in value):
-        raise ApiError(400, "several prompts in one request are not supported: send one request each", "prompt")
-    raise ApiError(400, "prompt must be non-empty text or a list of token ids", "prompt")
+
+    def one(p: Any) -> bool:
+        return (isinstance(p, str) and bool(p)) or (isinstance(p, list) and bool(p) and all(
+            isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in p))
+
+    if one(value):
+        return [value]
+    if isinstance(value, list) and value and all(one(p) and not isinstance(p, int) for p in value):
+        return list(value)
+    raise ApiError(400, "prompt must be non-empty text, a list of token ids, or a non-empty list of either",
+                   "prompt")
 
 
 _SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")

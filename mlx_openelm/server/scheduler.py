@@ -19,7 +19,7 @@ from typing import Any
 
 import mlx.core as mx
 
-from ..batch import BatchEngine, Sequence
+from ..batch import BatchEngine, Sequence, top_logprobs
 from ..cache import PrefixCache
 from ..generate import generate_step
 from ..runner import generation_stream
@@ -39,8 +39,10 @@ def shutting_down() -> ApiError:
 class Job:
     """One request: prompt ids, settings, the token budget, and where its events go.
 
-    Events: ``("text", str)`` pieces, then ``("done", finish_reason, usage)`` or ``("error", ApiError)``; ``emit``
-    is called on the scheduler thread and must not block.
+    Events: with ``settings.echo`` first ``("prompt", entries)`` (each prompt token but the first: its
+    log-probability and the most likely alternatives), then ``("text", str, entries)`` pieces (``entries``: the
+    log-probabilities of the tokens generated since the last piece, when asked for), then ``("done", finish_reason,
+    usage)`` or ``("error", ApiError)``; ``emit`` is called on the scheduler thread and must not block.
     """
 
     ids: list[int]
@@ -49,6 +51,7 @@ class Job:
     emit: Callable[[tuple], None]
     id: str = ""
     cancelled: bool = False
+    reported: int = 0  # token log-probabilities already sent
 
     def cancel(self) -> None:
         """Stop this request at the next step boundary (its client went away)."""
@@ -222,10 +225,16 @@ class Scheduler:
         s = job.settings
         return Sequence(self.tokenizer, job.ids, job.budget, s.stop,
                         make_sampler(s.temperature, s.top_p, s.top_k, s.min_p, s.seed),
-                        make_logits_processors(s.repetition_penalty))
+                        make_logits_processors(s.repetition_penalty), s.logprobs)
 
     def _admit(self, job: Job) -> None:
         if job.cancelled:
+            return self._done()
+        if job.settings.echo:
+            (entries,) = self.engine.prompt_logprobs([job.ids], job.settings.logprobs or 0)
+            job.emit(("prompt", entries))
+        if job.budget == 0:  # the prompt's log-probabilities alone (echo with max_tokens 0)
+            job.emit(("done", "length", self._usage(job, None)))
             return self._done()
         if self.draft_model is not None:
             self._run_speculative(job)
@@ -258,16 +267,23 @@ class Scheduler:
             log.error("%s failed after %d tokens (%s: %s)", job.id, seq.generated, type(e).__name__, e, exc_info=e)
             job.emit(("error", ApiError(500, f"generation failed ({type(e).__name__}: {e})", kind="server_error")))
             return True
-        if text:
-            job.emit(("text", text))
+        entries = seq.token_logprobs[job.reported :]
+        job.reported += len(entries)
+        if text or entries:
+            job.emit(("text", text, entries))
         if seq.finish_reason is None:
             return False
-        usage = {"prompt_tokens": len(job.ids), "completion_tokens": seq.generated,
-                 "total_tokens": len(job.ids) + seq.generated}
+        usage = self._usage(job, seq)
         log.info("%s done: %d prompt tokens (%d from the prompt cache), %d generated, %s; decoded in batches of up "
                  "to %d", job.id, len(job.ids), seq.reused, seq.generated, seq.finish_reason, seq.widest_batch)
         job.emit(("done", seq.finish_reason, usage))  # after the log line: a client that reads the log finds it
         return True
+
+    @staticmethod
+    def _usage(job: Job, seq: Sequence | None) -> dict:
+        done = seq.generated if seq is not None else 0
+        return {"prompt_tokens": len(job.ids), "completion_tokens": done, "total_tokens": len(job.ids) + done,
+                "prompt_tokens_details": {"cached_tokens": seq.reused if seq is not None else 0}}
 
     def _run_speculative(self, job: Job) -> None:
         # With a draft model, requests are decoded one at a time through speculative decoding (as mlx_lm.server
@@ -278,7 +294,9 @@ class Scheduler:
                               logits_processors=seq.processors, draft_model=self.draft_model,
                               num_draft_tokens=self.num_draft_tokens)
         try:
-            for token, _ in steps:
+            for token, logprobs in steps:
+                if seq.logprobs is not None:
+                    seq.token_logprobs += top_logprobs(logprobs[None], [token], [seq.logprobs])
                 if job.cancelled:
                     break
                 if self._stopping or self._past_deadline():
