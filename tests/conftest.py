@@ -27,3 +27,33 @@ def pytest_report_header(config):
     import mlx.core as mx
 
     return f"mlx {mx.__version__}, default device {mx.default_device()}"
+
+
+# Tiny random models with a real tokenizer, saved as folders, for the server's robustness tests.
+def _random_model_dir(root: Path, **overrides) -> Path:
+    import shutil
+
+    from spm_util import train_spm
+    from tiny import tiny_args
+
+    from mlx_openelm import random_model, save
+    from mlx_openelm.tokenizer import Tokenizer
+
+    spm = train_spm(root / "spm")
+    args = tiny_args(vocab_size=Tokenizer.from_file(spm).vocab_size, max_context_length=2048, **overrides)
+    folder = save(random_model(args, dtype="float32"), root / "model")
+    shutil.copy(spm, folder / "tokenizer.model")
+    return folder
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory) -> Path:
+    """A tiny random model (it never says EOS, so a request runs to its budget) with a real tokenizer."""
+    return _random_model_dir(tmp_path_factory.mktemp("tiny"))
+
+
+@pytest.fixture(scope="module")
+def wide_dir(tmp_path_factory) -> Path:
+    """A wider random model whose steps are slow enough (about 12 ms here) to stop a request half-way."""
+    return _random_model_dir(tmp_path_factory.mktemp("wide"), model_dim=512, head_dim=64,
+                             num_query_heads=[8, 8, 8], num_kv_heads=[2, 2, 2], ffn_multipliers=[4.0, 4.0, 4.0])

@@ -129,3 +129,16 @@ def test_apples_published_figures_sit_beside_the_measured_ones():
     assert published_for("standins/openelm-stdlib-target") == {}
     results = {"results": {"hellaswag": {"acc,none": 0.361, "acc_norm,none": 0.4523}}}
     assert results_table(results, "apple/OpenELM-270M")[1] == [["hellaswag", "36.10", "45.23", "46.71"]]
+
+
+def test_a_quantized_folder_scores_close_to_its_float_weights(target, tmp_path):
+    from mlx_openelm.convert import convert
+
+    model, tokenizer = target
+    folder = convert(TARGET, tmp_path / "q8", quantize=True, q_bits=8).path
+    quantized, _ = load(folder)
+    pairs = [SimpleNamespace(args=(d["question"], " " + c)) for d in DOCS for c in d["choices"]]
+    full = model_class()(model, tokenizer).loglikelihood(pairs)
+    eight = model_class()(quantized, tokenizer).loglikelihood(pairs)
+    assert all(math.isfinite(q) and abs(q - f) < 0.05 * abs(f) + 0.1 for (q, _), (f, _) in zip(eight, full))
+    assert eight != full  # the 8-bit weights really were used

@@ -126,7 +126,10 @@ def test_streamed_text_equals_the_whole_response(served, kind):
     assert text == expected
     finish = [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason]
     assert finish == [whole.choices[0].finish_reason]
-    assert chunks[-1].choices == [] and chunks[-1].usage.model_dump() == whole.usage.model_dump()
+    streamed, once = chunks[-1].usage.model_dump(), whole.usage.model_dump()
+    # The same prompt again: the second request finds at least as much of it in the prompt cache as the first.
+    assert streamed.pop("prompt_tokens_details")["cached_tokens"] >= once.pop("prompt_tokens_details")["cached_tokens"]
+    assert chunks[-1].choices == [] and streamed == once
 
 
 def test_concurrent_requests_decode_in_shared_batches_and_match_alone(served):
@@ -181,8 +184,10 @@ BAD = [  # (path, body, status, code or a piece of the message)
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "n": 2}, 400, "unsupported_parameter"),
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "tools": [{"type": "function"}]},
      400, "unsupported_parameter"),
-    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "logprobs": True}, 400,
-     "unsupported_parameter"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "logprobs": True, "top_logprobs": 99},
+     400, "top_logprobs"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "echo": True}, 400, "echo"),
+    ("/v1/completions", {"prompt": "hi", "logprobs": 2.5}, 400, "logprobs"),
     ("/v1/completions", {"prompt": ""}, 400, "prompt"),
     ("/v1/completions", {"prompt": [1, 2, 999999]}, 400, "outside the vocabulary"),
     ("/v1/completions", {"prompt": "x" * (2 << 20)}, 413, "limit"),

@@ -8,13 +8,9 @@ clients.
 
 from __future__ import annotations
 
-import asyncio
 import http.client
 import json
 import random
-import shutil
-import signal
-import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -24,47 +20,22 @@ import mlx.core as mx
 import pytest
 from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
-from spm_util import train_spm
 from test_server import Server
-from tiny import tiny_args
 
-from mlx_openelm import load, random_model, save
+from mlx_openelm import load
 from mlx_openelm.batch import BatchEngine, Sequence
 from mlx_openelm.generate import stream_generate
 from mlx_openelm.server import params
-from mlx_openelm.server.app import Api, create_app
 from mlx_openelm.server.params import ApiError
 from mlx_openelm.server.scheduler import Job, Scheduler
-from mlx_openelm.tokenizer import Tokenizer
 
 FAULTS = str(Path(__file__).with_name("serve_faults.py"))
 LONG = {"prompt": "The capital of France", "max_tokens": 1500, "temperature": 0, "stream": True}
 
 
-def _model(root: Path, **overrides) -> Path:
-    spm = train_spm(root / "spm")
-    args = tiny_args(vocab_size=Tokenizer.from_file(spm).vocab_size, max_context_length=2048, **overrides)
-    folder = save(random_model(args, dtype="float32"), root / "model")
-    shutil.copy(spm, folder / "tokenizer.model")
-    return folder
-
-
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory) -> Path:
-    """A tiny random model (it never says EOS, so a request runs to its budget) with a real tokenizer."""
-    return _model(tmp_path_factory.mktemp("tiny"))
-
-
-@pytest.fixture(scope="module")
-def wide(tmp_path_factory) -> Path:
-    """A wider random model whose steps are slow enough (about 12 ms here) to stop a request half-way."""
-    return _model(tmp_path_factory.mktemp("wide"), model_dim=512, head_dim=64, num_query_heads=[8, 8, 8],
-                  num_kv_heads=[2, 2, 2], ffn_multipliers=[4.0, 4.0, 4.0])
-
-
-@pytest.fixture(scope="module")
-def served(tiny, tmp_path_factory):
-    server = Server(tiny, tmp_path_factory.mktemp("serve"), "--max-batch", "8", "--max-queue", "64")
+def served(tiny_dir, tmp_path_factory):
+    server = Server(tiny_dir, tmp_path_factory.mktemp("serve"), "--max-batch", "8", "--max-queue", "64")
     yield server
     assert server.stop() == 0, server.log.read_text()
 
@@ -149,11 +120,11 @@ def _sampler_two_tokens(logprobs):
     return mx.array([1, 2], dtype=mx.uint32)
 
 
-def test_a_failing_row_ends_alone_and_the_others_keep_their_tokens(tiny):
+def test_a_failing_row_ends_alone_and_the_others_keep_their_tokens(tiny_dir):
     # Rows whose sampler raises, gives a token outside the vocabulary, or gives two tokens, and one whose stop logic
     # raises at its third token: each ends with finish_reason "error" and its exception; the greedy rows beside them
     # decode exactly what they decode alone.
-    model, tokenizer = load(tiny)
+    model, tokenizer = load(tiny_dir)
     prompts = [tokenizer.encode(p) for p in ("The capital", "Hello world, hello", "def main(argv)", "Emoji: 🦙")]
     alone = [[r.token for r in stream_generate(model, tokenizer, ids, max_tokens=12)] for ids in prompts]
     engine = BatchEngine(model)
@@ -180,10 +151,10 @@ def test_a_failing_row_ends_alone_and_the_others_keep_their_tokens(tiny):
     assert "not one token id" in str(bad[1].error) and "not one token id" in str(bad[2].error)
 
 
-def test_a_request_whose_generation_fails_gets_an_error_and_the_others_finish(tiny):
+def test_a_request_whose_generation_fails_gets_an_error_and_the_others_finish(tiny_dir):
     # Through the scheduler: one job's sampler fails at its tenth step; it alone gets an error event, the other jobs
     # in its batch finish with the text they have alone.
-    model, tokenizer = load(tiny)
+    model, tokenizer = load(tiny_dir)
     settings = params.settings({"max_tokens": 20, "temperature": 0})
     steps = []
 
@@ -405,141 +376,3 @@ def test_soak_with_clients_that_leave_leaves_nothing_running(served, capsys):
         print(f"\nsoak: 40 clients x 5 requests ({left} dropped early) in {seconds:.1f} s; server RSS "
               f"{before / 1024:.1f} MiB before, {max(peak) / 1024:.1f} MiB peak, {after / 1024:.1f} MiB after")
     assert after <= before * 1.25 + 32 * 1024, (before, max(peak), after)
-
-
-# --- 3. shutdown ----------------------------------------------------------------------------------------------------
-
-def test_shutdown_refuses_the_queue_ends_open_streams_with_done_and_exits_0(wide, tmp_path):
-    # One stream decodes (max-batch 1), one waits. SIGTERM: the waiting one gets its error event and [DONE] at once
-    # (it used to wait out the grace and be cut off), the running one after the grace of 5 s (it used to be cut off with
-    # neither), and the server exits 0.
-    server = Server(wide, tmp_path, "--max-batch", "1", "--max-queue", "2")
-    try:
-        _shutdown(server)
-    finally:
-        server.proc.kill()
-
-
-def _shutdown(server: Server) -> None:
-    streams = {}
-
-    def stream(name: str) -> None:
-        status, raw, _ = _post(server.url, "/v1/completions", json.dumps({**LONG, "max_tokens": 1800}).encode())
-        streams[name] = (status, raw, time.monotonic())
-
-    with ThreadPoolExecutor(max_workers=2) as pool:
-        running = pool.submit(stream, "running")
-        deadline = time.monotonic() + 30
-        while _health(server)["running"] < 1 and time.monotonic() < deadline:
-            time.sleep(0.05)
-        waiting = pool.submit(stream, "waiting")
-        while _health(server)["waiting"] < 1 and time.monotonic() < deadline:
-            time.sleep(0.05)
-        term = time.monotonic()
-        server.proc.send_signal(signal.SIGTERM)
-        running.result(timeout=30)
-        waiting.result(timeout=30)
-    assert server.proc.wait(timeout=30) == 0, server.log.read_text()
-    for name, grace in (("waiting", (0, 1.5)), ("running", (4.5, 8))):
-        status, raw, at = streams[name]
-        events = _events(raw)
-        assert status == 200 and events[-1] == "[DONE]", (name, raw[-300:])
-        assert events[-2]["error"]["code"] == "shutting_down", (name, events[-2])
-        assert grace[0] <= at - term <= grace[1], (name, at - term)
-    assert len([e for e in _events(streams["running"][1]) if "choices" in e]) > 50  # it ran during the grace
-
-
-# --- 4. a dead scheduler --------------------------------------------------------------------------------------------
-
-def _asgi(app, method: str, path: str, body: bytes = b"") -> tuple[int, dict]:
-    """One request straight through the ASGI app (no server, no socket)."""
-    sent = []
-
-    async def receive():
-        return {"type": "http.request", "body": body, "more_body": False}
-
-    async def send(message):
-        sent.append(message)
-
-    scope = {"type": "http", "asgi": {"version": "3.0", "spec_version": "2.3"}, "http_version": "1.1",
-             "method": method, "scheme": "http", "path": path, "raw_path": path.encode(), "query_string": b"",
-             "root_path": "", "headers": [(b"content-type", b"application/json"), (b"authorization", b"Bearer k")],
-             "client": ("127.0.0.1", 1), "server": ("127.0.0.1", 80)}
-    asyncio.run(app(scope, receive, send))
-    return sent[0]["status"], json.loads(b"".join(m.get("body", b"") for m in sent[1:]))
-
-
-class _Dying(Scheduler):
-    def _loop(self) -> None:
-        raise MemoryError("injected")
-
-
-def test_health_is_503_and_requests_are_refused_once_the_scheduler_is_dead(tiny):
-    _, tokenizer = load(tiny)
-    deaths = []
-    scheduler = _Dying(None, tokenizer, on_death=deaths.append)
-    scheduler._thread.join(10)
-    app = create_app(Api("m", tokenizer, 2048, scheduler, api_key="k"))
-    status, body = _asgi(app, "GET", "/health")
-    assert status == 503 and "MemoryError: injected" in body["error"]
-    status, body = _asgi(app, "POST", "/v1/completions", json.dumps({"prompt": "hi", "max_tokens": 2}).encode())
-    assert status == 503 and body["error"]["code"] == "scheduler_failed"
-    assert len(deaths) == 1 and isinstance(deaths[0], MemoryError)
-
-
-def test_a_dead_scheduler_fails_its_requests_and_the_server_exits_non_zero(tiny, tmp_path):
-    # The scheduler thread dies at the first request: that request gets an error at once (it used to wait until its
-    # client gave up, /health still ok), and the process exits with status 1, for a supervisor to restart it.
-    server = Server(tiny, tmp_path, command=(sys.executable, FAULTS))
-    try:
-        tic = time.monotonic()
-        status, raw, _ = _post(server.url, "/v1/completions", b'{"prompt": "hi", "max_tokens": 5}', timeout=15)
-        assert status == 500 and json.loads(raw)["error"]["code"] == "scheduler_failed", raw
-        assert server.proc.wait(timeout=20) == 1, server.log.read_text()
-        assert time.monotonic() - tic < 15
-        assert "the server's scheduler thread died (Fatal: injected" in server.log.read_text()
-    finally:
-        server.proc.kill()
-
-
-# --- 5. the API key -------------------------------------------------------------------------------------------------
-
-def test_the_api_key_is_compared_in_constant_time(tiny, monkeypatch):
-    import hmac
-
-    from starlette.requests import Request
-
-    from mlx_openelm.server import app as app_module
-
-    calls, real = [], hmac.compare_digest
-    monkeypatch.setattr(app_module.hmac, "compare_digest", lambda a, b: calls.append((a, b)) or real(a, b))
-    api = Api("m", None, 2048, None, api_key="sésame")
-
-    def request(header: bytes | None) -> Request:
-        headers = [(b"authorization", header)] if header is not None else []
-        return Request({"type": "http", "headers": headers})
-
-    api.check_key(request("Bearer sésame".encode()))
-    for wrong in (b"Bearer s\xc3\xa9sam", b"Bearer s\xe9same", b"", None):
-        with pytest.raises(ApiError) as e:
-            api.check_key(request(wrong))
-        assert e.value.status == 401
-    assert len(calls) == 5 and all(isinstance(a, bytes) and b == "Bearer sésame".encode() for a, b in calls)
-
-
-@pytest.mark.parametrize("host, warned", [("0.0.0.0", True), ("::", True), ("192.168.1.10", True),
-                                          ("example.org", True), ("127.0.0.1", False), ("::1", False),
-                                          ("localhost", False)])
-def test_a_non_loopback_bind_without_a_key_is_warned_about(tiny, monkeypatch, caplog, host, warned):
-    # serve() is run up to the point where uvicorn would bind (run() is replaced): nothing listens anywhere.
-    import uvicorn
-
-    from mlx_openelm.server import serve
-
-    monkeypatch.setattr(uvicorn.Server, "run", lambda self: None)
-    with caplog.at_level("WARNING", logger="mlx_openelm.server"):
-        serve(str(tiny), host=host, port=0)
-        serve(str(tiny), host=host, port=0, api_key="k")
-    warnings = [r.getMessage() for r in caplog.records if "without an API key" in r.getMessage()]
-    assert warnings == ([f"serving on {host} without an API key: anyone who can reach this address can use the "
-                         "model (set --api-key or MLX_OPENELM_API_KEY)"] if warned else [])
