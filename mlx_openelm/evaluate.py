@@ -19,6 +19,7 @@ from typing import Any
 import mlx.core as mx
 import numpy as np
 
+from . import backend
 from .batch import BatchEngine
 from .batch import Sequence as Seq
 from .cache import KVCache, cache_dtype
@@ -158,19 +159,22 @@ def _lm_class() -> type:
             index: dict[Seq, int] = {}
             out = [""] * len(requests)
             step = self._count("generating", len(requests))
-            while waiting or engine.active:
-                while waiting and engine.active < self.batch_size:
-                    i, r = waiting.pop(0)
-                    seq = self._sequence(*r.args)
-                    texts[seq], index[seq] = [], i
-                    engine.add(seq)
-                while engine.prefilling:
-                    engine.prefill(512)
-                for seq, text in engine.decode():
-                    texts[seq].append(text)
-                    if seq.finish_reason:
-                        out[index.pop(seq)] = "".join(texts.pop(seq))
-                        step(1)
+            try:
+                while waiting or engine.active:
+                    while waiting and engine.active < self.batch_size:
+                        i, r = waiting.pop(0)
+                        seq = self._sequence(*r.args)
+                        texts[seq], index[seq] = [], i
+                        engine.add(seq)
+                    while engine.prefilling:
+                        engine.prefill(backend.prefill_chunk())
+                    for seq, text in engine.decode():
+                        texts[seq].append(text)
+                        if seq.finish_reason:
+                            out[index.pop(seq)] = "".join(texts.pop(seq))
+                            step(1)
+            finally:
+                engine.close()
             return out
 
         def _sequence(self, context: str, kwargs: dict) -> Seq:
