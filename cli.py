@@ -239,7 +239,8 @@ def serve_command(
     draft_model: DraftModel = None, num_draft_tokens: NumDraftTokens = 3, adapter_path: AdapterPath = None,
     chat_template: ChatTemplate = None,
 ) -> None:
-    """An OpenAI-compatible HTTP server (/v1/chat/completions, /v1/completions, /v1/models, /health)."""
+    """An OpenAI-compatible HTTP server (/v1/chat/completions, /v1/completions, /v1/models, /health, /tokenize,
+    /detokenize)."""
     from mlx_openelm.server import serve
 
     serve(model, host=host, port=port, max_batch=max_batch, max_queue=max_queue, api_key=api_key,

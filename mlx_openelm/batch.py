@@ -31,14 +31,16 @@ class Sequence:
     there is no text: only the budget ends it."""
 
     def __init__(self, tokenizer: Any, ids: Seq[int], budget: int, stop: Seq[str] = (), sampler: Sampler | None = None,
-                 processors: Seq[LogitsProcessor] = (), logprobs: int | None = None):
+                 processors: Seq[LogitsProcessor] = (), logprobs: int | None = None, continuation: bool = False):
+        if not isinstance(budget, int) or budget < 1:
+            raise ValueError(f"a sequence generates at least one token, got a budget of {budget!r}")
         self.ids, self.budget = list(ids), budget
         # With ``logprobs`` (N), each generated token's log-probability and the N most likely tokens' are recorded in
         # ``token_logprobs`` (:data:`TokenLogprob`), from the token choice's own distribution.
         self.logprobs = logprobs
         self.token_logprobs: list[TokenLogprob] = []
         self.sampler, self.processors = sampler or greedy, list(processors)
-        self.assembler = TextAssembler(tokenizer, stop, budget) if tokenizer is not None else None
+        self.assembler = TextAssembler(tokenizer, stop, budget, continuation) if tokenizer is not None else None
         self.tokens: list[int] = []  # generated so far
         self.history = self.ids[:-1]  # every token fed to the model so far (what the processors see)
         self.last = self.ids[-1]  # the newest token, not fed yet
@@ -179,7 +181,7 @@ class BatchEngine:
             events.append((s, text))
             if s.finish_reason:
                 done.append(i)
-                if self.prefixes is not None and s.error is None:
+                if self.prefixes is not None and s.error is None and self.prefixes.worth(len(s.history)):
                     self.prefixes.store(s.history, self.cache.copy_prefix(i, len(s.history)))
         self._leave(done)
         return events
@@ -188,7 +190,7 @@ class BatchEngine:
         rows = [i for i in dists if tokens[i] is not None and self.running[i].error is None]
         if not rows:
             return
-        found = top_logprobs(mx.stack([dists[i] for i in rows]), [tokens[i] for i in rows],
+        found = top_logprobs(mx.stack([dists[i] for i in rows]).astype(mx.float32), [tokens[i] for i in rows],
                              [self.running[i].logprobs for i in rows])
         for i, entry in zip(rows, found):
             self.running[i].token_logprobs.append(entry)
@@ -203,7 +205,7 @@ class BatchEngine:
             return [[] for _ in prompts]
         tokens = mx.array([p[:-1] + [0] * (width + 1 - len(p)) for p in prompts], dtype=mx.uint32)
         with mx.stream(generation_stream()):
-            logits = self.scorer.verify(cache, tokens)
+            logits = self.scorer.verify(cache, tokens).astype(mx.float32)  # as precise as the model's forward pass
             out = []
             for row, p in zip(logits, prompts):
                 _, logprobs = choose(row[: max(len(p) - 1, 1)])
@@ -263,8 +265,13 @@ class BatchEngine:
 def top_logprobs(stacked: mx.array, tokens: list[int], tops: list[int]) -> list[TokenLogprob]:
     """For each row of ``stacked`` (``logprobs[rows, vocab]``): its token's own log-probability and the ``top`` most
     likely tokens', most likely first (the token's own is reported even when it is not among them). One host read."""
-    n = max(max(tops), 1)
-    best = mx.argsort(-stacked, axis=-1)[:, :n]
     own = stacked[mx.arange(len(tokens)), mx.array(tokens)]
-    values, ids, own = mx.take_along_axis(stacked, best, axis=-1).tolist(), best.tolist(), own.tolist()
-    return [(t, o, list(zip(i[:k], v[:k]))) for t, o, i, v, k in zip(tokens, own, ids, values, tops)]
+    n = max(tops)
+    if n == 0:
+        return [(t, o, []) for t, o in zip(tokens, own.tolist())]
+    # The n best by a partition, then only those n sorted (never the whole vocabulary).
+    best = mx.argpartition(-stacked, n - 1, axis=-1)[:, :n]
+    values = mx.take_along_axis(stacked, best, axis=-1)
+    order = mx.argsort(-values, axis=-1)
+    ids, values = mx.take_along_axis(best, order, axis=-1).tolist(), mx.take_along_axis(values, order, axis=-1).tolist()
+    return [(t, o, list(zip(i[:k], v[:k]))) for t, o, i, v, k in zip(tokens, own.tolist(), ids, values, tops)]

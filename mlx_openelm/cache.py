@@ -204,6 +204,10 @@ class PrefixCache:
     def __len__(self) -> int:
         return len(self._entries)
 
+    def worth(self, tokens: int) -> bool:
+        """Whether a sequence of ``tokens`` positions is worth copying for :meth:`store` (long enough to reuse)."""
+        return tokens >= MIN_REUSE and self.max_bytes > 0
+
     def store(self, ids: Sequence[int], cache: KVCache) -> None:
         """Keep ``cache`` (one row holding exactly ``ids``)."""
         key = tuple(ids)

@@ -133,7 +133,7 @@ def _lm_class() -> type:
                 whole, head = self.tokenizer.encode(context + continuation), self.tokenizer.encode(context)
                 tail = whole[len(head) :]
             tokens = (head + tail)[-(self.max_length + 1) :]
-            return tokens, len(tokens) - len(tail)
+            return tokens, max(1, len(tokens) - len(tail))  # a longer continuation loses its head, never its context
 
         def loglikelihood(self, requests: list, disable_tqdm: bool = False) -> list[tuple[float, bool]]:
             rows = [self._pair(*r.args) for r in requests]
@@ -180,7 +180,7 @@ def _lm_class() -> type:
         def _sequence(self, context: str, kwargs: dict) -> Seq:
             until = kwargs.get("until") or [self.tokenizer.decode([self.tokenizer.eos_id])]
             until = [until] if isinstance(until, str) else [u for u in until if u]
-            budget = int(kwargs.get("max_gen_toks", 256))
+            budget = min(max(1, int(kwargs.get("max_gen_toks", 256))), self.max_length - 1)
             temperature = float(kwargs.get("temperature", 0.0)) if kwargs.get("do_sample", False) else 0.0
             ids = self.tokenizer.encode(context)[-(self.max_length - budget) :]
             return Seq(self.tokenizer, ids, budget, until, make_sampler(temperature))

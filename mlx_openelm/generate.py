@@ -154,8 +154,9 @@ class TextAssembler:
     stop string (never emitted, even across tokens) or after ``budget`` tokens. Used by every front-end that
     decodes (the generator, the server, the batch job)."""
 
-    def __init__(self, tokenizer: Any, stop: Sequence[str], budget: int):
-        self.detokenizer, self.eos, self.stops, self.budget = tokenizer.detokenizer(), tokenizer.eos_id, \
+    def __init__(self, tokenizer: Any, stop: Sequence[str], budget: int, continuation: bool = False):
+        # ``continuation``: the text follows text already shown (an echoed prompt), so its leading space is kept.
+        self.detokenizer, self.eos, self.stops, self.budget = tokenizer.detokenizer(continuation), tokenizer.eos_id, \
             _StopStrings(stop), budget
         self.tokens = 0  # tokens fed, EOS included
         self.kept = 0  # tokens of the completion (EOS excluded)

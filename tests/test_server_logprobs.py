@@ -141,3 +141,22 @@ def test_lm_evals_own_client_evaluates_through_the_server_as_in_process(served, 
         assert all(abs(ll - mine) < 1e-4 for ll, (mine, _) in zip(got, want))
         right += max(range(len(want)), key=lambda i: want[i][0]) == int(sample["target"])
     assert through_server["acc,none"] == pytest.approx(right / len(DOCS))
+
+
+def test_an_echoed_text_prompt_and_its_continuation_read_as_one_text(served):
+    server, folder, model, tokenizer = served
+    prompt = "import os\nimport sys\n\n\ndef main():\n    return"
+    status, r = server.post("/v1/completions", {"prompt": prompt, "max_tokens": 8, "echo": True, "logprobs": 1,
+                                                "temperature": 0})
+    assert status == 200, r
+    status, alone = server.post("/v1/completions", {"prompt": prompt, "max_tokens": 8, "temperature": 0})
+    ids = tokenizer.encode(prompt)
+    generated = r["choices"][0]["logprobs"]["tokens"][len(ids) :]
+    text, lp = r["choices"][0]["text"], r["choices"][0]["logprobs"]
+    # The continuation keeps the space the model generated after the prompt ("return" + " x"), and every token's
+    # text sits at its offset in the returned text.
+    continuation = text[len(prompt) :]
+    assert text.startswith(prompt) and continuation == "".join(generated) and continuation.startswith(" ")
+    assert alone["choices"][0]["text"] == continuation[1:]  # alone, a completion drops the space it starts with
+    assert all(text[o : o + len(t)] == t for o, t in zip(lp["text_offset"], lp["tokens"]))
+    assert "".join(lp["tokens"]) == text and len(generated) == r["usage"]["completion_tokens"]

@@ -178,29 +178,31 @@ def decode_items(model: Any, tokenizer: Any, items: list[Item], batch_size: int)
     waiting = deque(enumerate(items))
     results: list[dict | None] = [None] * len(items)
     index, parts = {}, {}
-    while waiting or engine.active:
-        joining = 0
-        while waiting and engine.active < batch_size:
-            i, item = waiting.popleft()
-            o = item.options
-            seq = Sequence(tokenizer, item.ids, item.budget, item.stop,
-                           make_sampler(o["temperature"], o["top_p"], o["top_k"], o["min_p"], o.get("seed")),
-                           make_logits_processors(o.get("repetition_penalty")))
-            index[seq], parts[seq] = (i, item), []
-            engine.add(seq)
-            joining += 1
-        while engine.prefilling:
-            engine.prefill(max(64, backend.prefill_chunk() // joining))  # 512 tokens a pass on the CPU, 2048 on a GPU
-        for seq, text in engine.decode():
-            parts[seq].append(text)
-            if seq.finish_reason:
-                i, item = index.pop(seq)
-                if seq.error is not None:  # its own sampler or stop logic failed: the job stops, resumable
-                    engine.close()
-                    raise ValueError(f"id {item.id!r}: generation failed ({type(seq.error).__name__}: {seq.error})")
-                results[i] = {"id": item.id, "text": "".join(parts.pop(seq)), "finish_reason": seq.finish_reason,
-                              "prompt_tokens": len(item.ids), "completion_tokens": seq.generated}
-    engine.close()
+    try:
+        while waiting or engine.active:
+            joining = 0
+            while waiting and engine.active < batch_size:
+                i, item = waiting.popleft()
+                o = item.options
+                seq = Sequence(tokenizer, item.ids, item.budget, item.stop,
+                               make_sampler(o["temperature"], o["top_p"], o["top_k"], o["min_p"], o.get("seed")),
+                               make_logits_processors(o.get("repetition_penalty")))
+                index[seq], parts[seq] = (i, item), []
+                engine.add(seq)
+                joining += 1
+            while engine.prefilling:
+                engine.prefill(max(64, backend.prefill_chunk() // joining))  # 512 a pass on the CPU, 2048 on a GPU
+            for seq, text in engine.decode():
+                parts[seq].append(text)
+                if seq.finish_reason:
+                    i, item = index.pop(seq)
+                    if seq.error is not None:  # its own sampler or stop logic failed: the job stops, resumable
+                        raise ValueError(f"id {item.id!r}: generation failed ({type(seq.error).__name__}: "
+                                         f"{seq.error})")
+                    results[i] = {"id": item.id, "text": "".join(parts.pop(seq)), "finish_reason": seq.finish_reason,
+                                  "prompt_tokens": len(item.ids), "completion_tokens": seq.generated}
+    finally:
+        engine.close()  # also when a step raises: Metal's wired limit goes back
     return results
 
 

@@ -83,11 +83,11 @@ class Api:
         ids = self.token_ids(prompt, "prompt")
         return ids, self.tokenizer.decode(ids)
 
-    def job(self, ids: list[int], settings: params.Settings) -> tuple[Job, asyncio.Queue]:
+    def job(self, ids: list[int], settings: params.Settings, field: str = "messages") -> tuple[Job, asyncio.Queue]:
         room = self.max_context - len(ids)
         if room < 1:
             raise ApiError(400, f"the prompt has {len(ids)} tokens but the model's context holds {self.max_context}: "
-                           "shorten it", "messages", "context_length_exceeded")
+                           "shorten it", field, "context_length_exceeded")
         queue: asyncio.Queue = asyncio.Queue()
         loop = asyncio.get_running_loop()
 
@@ -114,11 +114,21 @@ def _piece(tokenizer: Any, token: int) -> str:
     return tokenizer.decode([token], continuation=True)
 
 
-def _logprobs(api: Api, kind: str, entries: list, offset: int = 0) -> dict:
+def _prompt_pieces(tokenizer: Any, ids: list[int]) -> list[str]:
+    """An echoed prompt's tokens as text, in one pass of a streaming detokenizer: together exactly its text."""
+    detokenizer = tokenizer.detokenizer()
+    pieces = [detokenizer.add(t) for t in ids]
+    pieces[-1] += detokenizer.flush()
+    return pieces
+
+
+def _logprobs(api: Api, kind: str, entries: list, offset: int = 0, pieces: list[str] | None = None) -> dict:
     """The ``logprobs`` object of a choice or chunk: completions' parallel lists (a ``None`` log-probability and
-    alternatives for the prompt's first token), chat's list of token objects."""
+    alternatives for the prompt's first token; ``pieces``, when given, are the first entries' token texts), chat's
+    list of token objects."""
     if kind == "completion":
-        tokens = [_piece(api.tokenizer, t) for t, _, _ in entries]
+        pieces = pieces or []
+        tokens = pieces + [_piece(api.tokenizer, t) for t, _, _ in entries[len(pieces) :]]
         offsets = [offset + sum(map(len, tokens[:k])) for k in range(len(tokens))]
         return {"tokens": tokens, "token_logprobs": [lp for _, lp, _ in entries], "text_offset": offsets,
                 "top_logprobs": [None if top is None else {_piece(api.tokenizer, t): v for t, v in top}
@@ -132,8 +142,8 @@ def _logprobs(api: Api, kind: str, entries: list, offset: int = 0) -> dict:
 
 
 def _choice(api: Api, kind: str, index: int, text: str | None, finish: str | None, stream: bool,
-            entries: list | None = None, first: bool = False, offset: int = 0) -> dict:
-    logprobs = None if entries is None else _logprobs(api, kind, entries, offset)
+            entries: list | None = None, first: bool = False, offset: int = 0, pieces: list[str] | None = None) -> dict:
+    logprobs = None if entries is None else _logprobs(api, kind, entries, offset, pieces)
     if kind == "completion":
         return {"index": index, "text": text or "", "logprobs": logprobs, "finish_reason": finish}
     if not stream:
@@ -180,7 +190,7 @@ async def _respond(api: Api, request: Request, kind: str, prompts: list[tuple[li
     jobs = []
     try:
         for ids, _ in prompts:
-            jobs.append(api.job(ids, settings))
+            jobs.append(api.job(ids, settings, "messages" if kind == "chat" else "prompt"))
     except ApiError:
         for job, _ in jobs:
             job.cancel()
@@ -207,10 +217,12 @@ async def _respond(api: Api, request: Request, kind: str, prompts: list[tuple[li
                 return _error(r[3][1])
         choices, usage = [], {}
         for index, ((ids, text), (parts, entries, prompt, event)) in enumerate(zip(prompts, results)):
+            pieces = None
             if settings.echo:
-                entries = _echoed(ids, prompt) + entries
+                entries, pieces = _echoed(ids, prompt) + entries, _prompt_pieces(api.tokenizer, ids)
                 parts = [text, *parts]
-            choices.append(_choice(api, kind, index, "".join(parts), event[1], False, entries if wanted else None))
+            choices.append(_choice(api, kind, index, "".join(parts), event[1], False, entries if wanted else None,
+                                   pieces=pieces))
             usage = _add_usage(usage, event[2])
         return JSONResponse({**head, "choices": choices, "usage": usage, "system_fingerprint": None})
 
@@ -223,11 +235,11 @@ async def _respond(api: Api, request: Request, kind: str, prompts: list[tuple[li
                 yield _sse({**head, "choices": [_choice(api, kind, 0, "", None, True, first=True)]})
             while (event := await queue.get())[0] in ("text", "prompt"):
                 if event[0] == "prompt":
-                    piece, entries = text, _echoed(ids, event[1])
+                    piece, entries, pieces = text, _echoed(ids, event[1]), _prompt_pieces(api.tokenizer, ids)
                 else:
-                    piece, entries = event[1], event[2]
+                    piece, entries, pieces = event[1], event[2], None
                 yield _sse({**head, "choices": [_choice(api, kind, 0, piece, None, True,
-                                                        entries if wanted else None, offset=offset)]})
+                                                        entries if wanted else None, offset=offset, pieces=pieces)]})
                 offset += len(piece)
             if event[0] == "error":
                 yield _sse(event[1].body())

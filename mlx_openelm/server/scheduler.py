@@ -169,6 +169,7 @@ class Scheduler:
                 self._active += len(admitted)
             for job in refused:
                 job.emit(("error", shutting_down()))
+            self._echo(admitted)
             for job in admitted:
                 try:
                     self._admit(job)
@@ -223,16 +224,14 @@ class Scheduler:
 
     def _sequence(self, job: Job) -> Sequence:
         s = job.settings
+        # An echoed prompt is followed by the generated text exactly as the model continues it (a leading space kept).
         return Sequence(self.tokenizer, job.ids, job.budget, s.stop,
                         make_sampler(s.temperature, s.top_p, s.top_k, s.min_p, s.seed),
-                        make_logits_processors(s.repetition_penalty), s.logprobs)
+                        make_logits_processors(s.repetition_penalty), s.logprobs, continuation=s.echo)
 
     def _admit(self, job: Job) -> None:
         if job.cancelled:
             return self._done()
-        if job.settings.echo:
-            (entries,) = self.engine.prompt_logprobs([job.ids], job.settings.logprobs or 0)
-            job.emit(("prompt", entries))
         if job.budget == 0:  # the prompt's log-probabilities alone (echo with max_tokens 0)
             job.emit(("done", "length", self._usage(job, None)))
             return self._done()
@@ -243,6 +242,25 @@ class Scheduler:
         self.jobs[seq] = job
         self.engine.add(seq)
         return None
+
+    def _echo(self, jobs: list[Job]) -> None:
+        """The ``("prompt", entries)`` event of every echo job admitted now: the prompts scored together in one pass
+        when log-probabilities are asked for (an echo without them needs none)."""
+        echo = [j for j in jobs if j.settings.echo and not j.cancelled]
+        scored = [j for j in echo if j.settings.logprobs is not None]
+        try:
+            found = self.engine.prompt_logprobs([j.ids for j in scored], max(j.settings.logprobs for j in scored)) \
+                if scored else []
+        except Exception as e:  # noqa: BLE001 - a failed pass fails these requests alone (they are cancelled)
+            log.exception("scoring %d echoed prompts failed", len(scored))
+            for job in scored:
+                job.emit(("error", ApiError(500, f"scoring the prompt failed ({type(e).__name__}: {e})",
+                                            kind="server_error")))
+                job.cancel()
+            return
+        entries = {id(j): [(t, lp, top[: j.settings.logprobs]) for t, lp, top in f] for j, f in zip(scored, found)}
+        for job in echo:
+            job.emit(("prompt", entries.get(id(job), [])))
 
     def _log_batch(self) -> None:
         composition = tuple(self.jobs[s].id for s in self.engine.running)
