@@ -135,12 +135,14 @@ class BatchEngine:
             mx.eval(group.state)
             for i, s in enumerate(todo):
                 s.cache = group.row(i)
-        for s in [s for s in self.prefilling if not s.prefill_left]:
+        ready = [s for s in self.prefilling if not s.prefill_left]
+        for s in ready:
             self.cache.extend(s.cache)
-            mx.eval(self.cache.state)
             s.cache = None
             self.prefilling.remove(s)
             self.running.append(s)
+        if ready:
+            mx.eval(self.cache.state)  # once for all the rows that joined
         return events
 
     def decode(self) -> list[Event]:
@@ -151,20 +153,13 @@ class BatchEngine:
             return events
         with mx.stream(generation_stream()):
             logits = self.step(self.cache, mx.array([[s.last] for s in self.running], dtype=mx.uint32))
-            chosen: list[mx.array | None] = []
-            dists: dict[int, mx.array] = {}  # the distributions of the rows that report log-probabilities
-            for i, s in enumerate(self.running):
-                s.history.append(s.last)
-                try:
-                    token, logprobs = choose(logits[i : i + 1], s.sampler, s.processors, s.history)
-                    chosen.append(token)
-                    if s.logprobs is not None:
-                        dists[i] = logprobs[0]
-                except Exception as e:  # noqa: BLE001 - one row's sampler or processors fail that row alone
-                    s.fail(e)
-                    chosen.append(None)
-            tokens = self._read(chosen)
-            self._record(dists, tokens)
+            if all(s.sampler is greedy and not s.processors and s.logprobs is None for s in self.running):
+                # Every row greedy on its own logits (the usual batch): one argmax for all, the same tokens.
+                for s in self.running:
+                    s.history.append(s.last)
+                tokens: list[int | None] = mx.argmax(logits, axis=-1).tolist()
+            else:
+                tokens = self._choose(logits)
         self.steps += 1
         every = backend.clear_cache_every()  # rows joining and leaving reallocate whole-batch KV buffers
         if every and self.steps % every == 0:
@@ -185,6 +180,25 @@ class BatchEngine:
                     self.prefixes.store(s.history, self.cache.copy_prefix(i, len(s.history)))
         self._leave(done)
         return events
+
+    def _choose(self, logits: mx.array) -> list[int | None]:
+        """Each running row's token through its own sampler and processors (log-probabilities recorded where asked
+        for); a row whose choice fails is failed alone."""
+        chosen: list[mx.array | None] = []
+        dists: dict[int, mx.array] = {}  # the distributions of the rows that report log-probabilities
+        for i, s in enumerate(self.running):
+            s.history.append(s.last)
+            try:
+                token, logprobs = choose(logits[i : i + 1], s.sampler, s.processors, s.history)
+                chosen.append(token)
+                if s.logprobs is not None:
+                    dists[i] = logprobs[0]
+            except Exception as e:  # noqa: BLE001 - one row's sampler or processors fail that row alone
+                s.fail(e)
+                chosen.append(None)
+        tokens = self._read(chosen)
+        self._record(dists, tokens)
+        return tokens
 
     def _record(self, dists: dict[int, mx.array], tokens: list[int | None]) -> None:
         rows = [i for i in dists if tokens[i] is not None and self.running[i].error is None]
