@@ -19,6 +19,8 @@ converter, with torch and transformers: docs/benchmarks.md#llamacpp-on-the-same-
 from __future__ import annotations
 
 import argparse
+import hashlib
+import importlib.util
 import json
 import os
 import resource
@@ -61,6 +63,10 @@ def _int_list(text: str) -> list[int]:
         raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
 
 
+def _usable_cores() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--llama-cpp", type=Path, default=os.environ.get("LLAMA_CPP_DIR"),
@@ -73,8 +79,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    "32,128,512)")
     p.add_argument("--gen-tokens", type=int, default=64)
     p.add_argument("--trials", type=int, default=3)
-    p.add_argument("--threads", type=int, default=os.cpu_count(), help="llama.cpp's threads, prompt and decode "
-                   "(default: every core)")
+    p.add_argument("--threads", type=int, default=_usable_cores(), help="llama.cpp's threads, prompt and decode "
+                   "(default: every core this process may use)")
     p.add_argument("--flash-attn", action="store_true", help="llama.cpp with flash attention (llama-cpp-python's "
                    "default is without)")
     p.add_argument("--agree-tokens", type=int, default=8, help="first greedy tokens both sides must agree on, "
@@ -112,11 +118,9 @@ def llama_cpp_parts(source: Path | None) -> tuple[Any, Path]:
     script = source / "convert_hf_to_gguf.py"
     if not script.is_file():
         raise ValueError(f"--llama-cpp {source} has no convert_hf_to_gguf.py: give a llama.cpp source tree")
-    for module in ("torch", "transformers"):
-        try:
-            __import__(module)
-        except ImportError:
-            raise ValueError(f"llama.cpp's converter needs {module}, not installed: {LLAMA_CPP_HELP}") from None
+    for module in ("torch", "transformers"):  # looked up, not imported: the converter runs in its own process
+        if importlib.util.find_spec(module) is None:
+            raise ValueError(f"llama.cpp's converter needs {module}, not installed: {LLAMA_CPP_HELP}")
     return llama_cpp, script
 
 
@@ -201,7 +205,7 @@ def _rss_growth(run: Callable[[], Any]) -> int:
         return _status_bytes("VmHWM") - before
     before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     run()
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before  # bytes on macOS
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before  # bytes on macOS (the only such system)
 
 
 def memory_probe(side: str, path: Path, prompt_tokens: int, gen_tokens: int, threads: int, flash_attn: bool) -> int:
@@ -210,7 +214,9 @@ def memory_probe(side: str, path: Path, prompt_tokens: int, gen_tokens: int, thr
             "print(json.dumps(c._probe(*json.loads(sys.argv[2]))))")
     probe = json.dumps([side, str(path), prompt_tokens, gen_tokens, threads, flash_attn])
     run = subprocess.run([sys.executable, "-c", code, str(Path(__file__).parent), probe], capture_output=True,
-                         text=True, check=True)
+                         text=True)
+    if run.returncode != 0:
+        raise RuntimeError(f"the memory probe of {side} on {path} failed:\n{run.stderr[-2000:]}")
     return json.loads(run.stdout.splitlines()[-1])
 
 
@@ -279,8 +285,18 @@ def measure(llama_cpp: Any, pair: str, paths: dict[str, Path], args: argparse.Na
 def run(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     pairs = check_args(args)
     llama_cpp, script = llama_cpp_parts(args.llama_cpp)
-    checkpoint = args.checkpoint or random_checkpoint(args.preset, work / "checkpoint")
-    vocab = json.loads((checkpoint / "config.json").read_text())["vocab_size"]
+    if args.checkpoint:  # converted models live in a folder of their own checkpoint's
+        checkpoint = args.checkpoint
+        key = hashlib.sha256(str(checkpoint.resolve()).encode() + (checkpoint / "config.json").read_bytes())
+        work = work / f"{checkpoint.name}-{key.hexdigest()[:12]}"
+    else:
+        work = work / f"{args.preset}-random"
+        checkpoint = random_checkpoint(args.preset, work / "checkpoint")
+    work.mkdir(parents=True, exist_ok=True)
+    config = json.loads((checkpoint / "config.json").read_text())
+    vocab, positions = config["vocab_size"], config.get("max_context_length", 2048)
+    if max(args.prompt_tokens) + args.gen_tokens > positions:
+        raise ValueError(f"--prompt-tokens + --gen-tokens exceed the model's {positions} positions")
     rows = []
     for pair in pairs:
         print(f"converting {checkpoint.name} to {PAIRS[pair][0]} and MLX {pair}", file=sys.stderr)
@@ -336,7 +352,7 @@ def main(argv: list[str] | None = None) -> int:
         else:
             with tempfile.TemporaryDirectory(prefix="compare-llama-cpp-") as tmp:
                 record = run(args, Path(tmp))
-    except (ValueError, FileNotFoundError, RuntimeError) as e:
+    except (ValueError, OSError, RuntimeError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     text = table(record)

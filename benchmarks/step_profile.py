@@ -2,10 +2,10 @@
 
 From the decode step's own plan and weights (``decode.plan_and_params``, as ``DecodeStep`` builds them) it times,
 for every layer at once in one compiled graph per part: each of the four linears (qkv, out, FFN in, FFN out), the
-attention over a cache of ``--context`` positions, and the output head; then the whole step (``DecodeStep`` on a
-cache filled to ``--context``). "other" is the step minus the parts: norms, RoPE, cache writes, the embedding,
-residuals and dispatch. For the matmuls it gives the bandwidth reached (weight bytes / time), against the
-machine's (``mlx_openelm.device``), which is what bounds a memory-bound decode step.
+attention over a cache of ``--context`` positions (the CPU's mask path), and the output head; then the whole step
+(``DecodeStep`` on a cache filled to ``--context``, the same position every time). "other" is the step minus the
+parts: norms, RoPE, cache writes, the embedding, residuals and dispatch. For the matmuls it gives the bandwidth
+reached (weight bytes / time), against the machine's (``mlx_openelm.device``), which bounds a memory-bound step.
 
     python benchmarks/step_profile.py --preset OpenELM-270M --dtype bfloat16 --context 192
     python benchmarks/step_profile.py --preset OpenELM-270M -q 4 --context 192
@@ -26,8 +26,8 @@ import mlx.core as mx
 from mlx_openelm import backend
 from mlx_openelm import linear as lin
 from mlx_openelm.bench import check_output, device_label, prepare_model, write_json
-from mlx_openelm.cache import cache_dtype, make_cache
-from mlx_openelm.decode import DecodeStep, StepFunction, plan_and_params
+from mlx_openelm.cache import cache_dtype, make_cache, rounded
+from mlx_openelm.decode import DecodeStep, StepFunction, attention_window, plan_and_params
 from mlx_openelm.device import device_info, memory_bandwidth
 
 RESULTS = Path(__file__).parent / "results"
@@ -79,12 +79,18 @@ def profile(model: Any, context: int, reps: int) -> dict[str, Any]:
     linear_part(1, lambda i: heads[i][0] * hd)
     linear_part(2, lambda i: d)
     linear_part(3, lambda i: ffn[i])
+    # As the CPU step attends (the mask path): the window of cache positions for the token at ``context``, sliced
+    # from buffers of the cache's capacity, with a boolean mask over the positions not yet written.
+    window, capacity = attention_window(context + 1, rounded(context + 1)), rounded(context + 1)
     qs = [mx.random.normal((1, nq, 1, hd), key=key).astype(dtype) for nq, _ in heads]
-    kvs = [mx.random.normal((1, nkv, context, hd), key=key).astype(dtype) for _, nkv in heads]
-    mask = mx.arange(context)[None, None] <= mx.array([[context - 1]])[:, :, None]
-    attend = mx.compile(lambda *a: [fn.kernels.attend(q, k, k, mask) for q, k in zip(a[: len(qs)], a[len(qs):])])
-    parts["attention"] = {"seconds": timed(lambda: attend(*qs, *kvs), reps),
-                          "weight_bytes": 2 * sum(k.nbytes for k in kvs)}  # keys and values read
+    ks = [mx.random.normal((1, nkv, capacity, hd), key=key).astype(dtype) for _, nkv in heads]
+    vs = [mx.random.normal((1, nkv, capacity, hd), key=key).astype(dtype) for _, nkv in heads]
+    mask = mx.arange(window)[None, None] <= mx.array([[context]])[:, :, None]
+    n = len(heads)
+    attend = mx.compile(lambda *a: [fn.kernels.attend(a[i], a[n + i][:, :, :window], a[2 * n + i][:, :, :window], mask)
+                                    for i in range(n)])
+    parts["attention"] = {"seconds": timed(lambda: attend(*qs, *ks, *vs), reps),
+                          "weight_bytes": sum(k.nbytes + v.nbytes for k, v in zip(ks, vs)) * window // capacity}
     x = mx.random.normal((1, 1, d), key=key).astype(dtype)
     head = mx.compile(lambda x: lin.linear(x, params["head"], plan.embed_quant, fn.streams))
     parts["output head"] = {"seconds": timed(lambda: head(x), reps),
@@ -94,9 +100,17 @@ def profile(model: Any, context: int, reps: int) -> dict[str, Any]:
     prompt = mx.random.randint(0, model.args.vocab_size, (1, context), key=key).astype(mx.uint32)
     mx.eval(step.prefill(cache, prompt))
     token = mx.array([[1]], dtype=mx.uint32)
-    whole = timed(lambda: step(cache, token), reps)  # each call appends one position: context .. context + reps
+
+    def one_step() -> mx.array:  # the token at position ``context``, every time
+        logits = step(cache, token)
+        mx.eval(logits)
+        cache.trim(1)
+        return logits
+
+    whole = timed(one_step, reps)
+    # Can come out negative: the parts are timed apart, each with its own evaluation, so their sum is approximate.
     parts["other (norms, RoPE, cache writes, embedding, dispatch)"] = {
-        "seconds": max(whole - sum(p["seconds"] for p in parts.values()), 0.0), "weight_bytes": 0}
+        "seconds": whole - sum(p["seconds"] for p in parts.values()), "weight_bytes": 0}
     return {"parts": parts, "step_seconds": whole, "kernels": plan.kernels, "lanes": plan.lanes,
             "dtype": str(dtype).removeprefix("mlx.core.")}
 
@@ -121,7 +135,9 @@ def main(argv: list[str] | None = None) -> int:
             raise ValueError("--context and --reps must be >= 1")
         out = check_output(args.json or RESULTS / f"step-profile-{name}.json")
         model, label = prepare_model(args.preset, args.model, args.dtype, args.q_bits)
-    except (ValueError, FileNotFoundError) as e:
+        if args.context >= model.args.max_positions:
+            raise ValueError(f"--context must be below the model's {model.args.max_positions} positions")
+    except (ValueError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     record = {"model": label, "q_bits": args.q_bits, "context": args.context, **profile(model, args.context,

@@ -92,3 +92,41 @@ def test_a_missing_llama_cpp_is_named(tmp_path):
     else:
         assert run.stderr.strip() == f"error: --llama-cpp {tmp_path} has no convert_hf_to_gguf.py: give a llama.cpp " \
                                      "source tree"
+
+
+def _module():
+    sys.path.insert(0, str(SCRIPT.parent))
+    try:
+        import compare_llama_cpp
+    finally:
+        sys.path.pop(0)
+    return compare_llama_cpp
+
+
+def test_agreement_names_the_first_step_where_the_sides_differ():
+    agreement = _module().agreement
+    same = agreement({"mlx-openelm": [5, 6, 7, 8], "llama.cpp": [5, 6, 7, 9]}, 3)
+    assert same == {"checked": 3, "agree": 3, "first_difference": None, "mlx-openelm": [5, 6, 7],
+                    "llama.cpp": [5, 6, 7]}
+    differ = agreement({"mlx-openelm": [5, 6, 7, 8], "llama.cpp": [5, 9, 7, 8]}, 4)
+    assert (differ["agree"], differ["first_difference"]) == (1, 1)
+
+
+def test_the_table_gives_each_pair_its_ratios_and_agreement():
+    m = _module()
+    side = {"prompt_tps": 10.0, "generation_tps": 4.0, "ttft_s": 0.5, "cores": 1.9}
+    theirs = {"prompt_tps": 40.0, "generation_tps": 16.0, "ttft_s": 0.1, "cores": 2.0}
+    row = {"precision": "bf16", "gguf_type": "BF16", "prompt_tokens": 128, "median": {"mlx-openelm": side,
+           "llama.cpp": theirs}, "ratio": {"prompt_tps": 0.25, "generation_tps": 0.25},
+           "peak_rss_growth_bytes": {"mlx-openelm": 6e8, "llama.cpp": 5e8},
+           "file_bytes": {"mlx-openelm": 5.4e8, "llama.cpp": 5.5e8},
+           "agreement": {"agree": 7, "checked": 8}}
+    record = {"model": "OpenELM-270M (random weights)", "threads": 2, "flash_attn": False, "llama_cpp_gpu": False,
+              "rows": [row, {**row, "precision": "q4", "gguf_type": "Q4_0", "agreement": None}],
+              "versions": {"mlx-openelm": "0.1.0", "mlx": "0.32.4", "llama-cpp-python": "0.3.36"},
+              "device": {"label": "AMD EPYC", "os": "Linux", "backend": "cpu"}}
+    lines = m.table(record).splitlines()
+    assert "AMD EPYC" in lines[0] and "llama-cpp-python 0.3.36 (CPU build) with 2 threads" in lines[0]
+    assert lines[4] == ("| bf16 vs BF16 | 128 | 10.0, 40.0, **0.25x** | 4.0, 16.0, **0.25x** | 0.500, 0.100 "
+                        "| 1.9, 2.0 | 600, 500 | 540.0, 550.0 | 7/8 |")
+    assert lines[5].startswith("| q4 vs Q4_0 | 128 |") and lines[5].endswith("| n/a |")
