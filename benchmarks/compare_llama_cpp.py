@@ -310,7 +310,7 @@ def run(args: argparse.Namespace, work: Path) -> dict[str, Any]:
         "llama_cpp_gpu": llama_cpp.llama_supports_gpu_offload(), "rows": rows, "tokens_agree": not disagreements,
         "versions": {"mlx-openelm": __version__, "mlx": mx.__version__, "llama-cpp-python": llama_cpp.__version__},
         "llama_cpp_system": llama_cpp.llama_print_system_info().decode().strip(),
-        "device": device_info(), "decode": describe(),
+        "device": device_info(), "decode": describe(), "ld_preload": os.environ.get("LD_PRELOAD"),
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
 
