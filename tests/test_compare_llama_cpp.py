@@ -1,8 +1,9 @@
 """``benchmarks/compare_llama_cpp.py`` end to end on the memorizing model, against a real llama.cpp build.
 
-llama.cpp is not in the test install (building it takes longer than the whole suite here): the end-to-end test
-skips, saying what is missing, unless llama-cpp-python is installed and ``LLAMA_CPP_DIR`` names a llama.cpp
-source tree (docs/benchmarks.md#llamacpp-on-the-same-weights). Its refusals are checked everywhere.
+llama.cpp is not in the test install (building it takes about 5 minutes on 2 cores, and its converter needs
+torch, a CUDA wheel of several GB from PyPI on Linux): the end-to-end test skips, saying what is missing, unless
+llama-cpp-python is installed and ``LLAMA_CPP_DIR`` names a llama.cpp source tree
+(docs/benchmarks.md#llamacpp-on-the-same-weights). Its refusals are checked everywhere.
 """
 
 import importlib.util
