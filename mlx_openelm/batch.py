@@ -11,6 +11,7 @@ row's keys (each attends to its own prefix), so a sequence decodes to the same t
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence as Seq
 from typing import Any
 
@@ -91,7 +92,6 @@ class BatchEngine:
     def __init__(self, model: nn.Module, prefixes: PrefixCache | None = None, kernels: str = "auto"):
         self.model, self.prefixes = model, prefixes
         self.step = DecodeStep(model, kernels=kernels)
-        self.scorer = DecodeStep(model, compile=False, kernels=kernels)  # prompt scoring: every length differs
         self.cache = KVCache(model.args.num_kv_heads, model.args.head_dim, cache_dtype(model), rows=0)
         self.prefilling: list[Sequence] = []
         self.running: list[Sequence] = []
@@ -104,6 +104,11 @@ class BatchEngine:
             mx.synchronize(generation_stream())
             mx.set_wired_limit(self._old_wired_limit)
             self._old_wired_limit = None
+
+    @functools.cached_property
+    def scorer(self) -> DecodeStep:
+        """The decode step that scores prompts, op by op (every length differs); built on the first echo."""
+        return DecodeStep(self.model, compile=False, kernels=self.step.kernels)
 
     @property
     def active(self) -> int:

@@ -274,9 +274,10 @@ class DecodeStep:
         """``"exact"`` or ``"mask"``: how a pass of ``tokens`` per row over ``cache`` hands attention over. Exact
         needs every row at one position (and, right-padded, of one length): otherwise garbage keys past a row's
         own position would be attended."""
+        if attention_path(self.kernels, self.attention, tokens, prefill) != "exact":  # the CPU's every step
+            return "mask"
         one_end = len(set(cache.positions)) == 1 and (lengths is None or set(lengths) <= {tokens})
-        exact = attention_path(self.kernels, self.attention, tokens, prefill) == "exact"
-        return "exact" if one_end and exact else "mask"
+        return "exact" if one_end else "mask"
 
     def __call__(self, cache: KVCache, tokens: mx.array) -> mx.array:
         """Logits ``[B, vocab]`` after ``tokens[B, 1]``."""

@@ -92,6 +92,12 @@ def _jsonl(work: Path, name: str, lines: list[str]) -> Path:
     return path
 
 
+def _batch(work: Path, model: Path, lines: list[str]) -> tuple[list[str], Path]:
+    """``batch`` over a p.jsonl of ``lines`` into out.jsonl, and the folder whose bytes must not change."""
+    prompts = _jsonl(work, "p.jsonl", lines)
+    return ["batch", "-m", str(model), "--input", str(prompts), "--output", str(work / "out.jsonl")], work
+
+
 CASES = {}  # name -> (build(work, model, other) -> (argv, folder whose bytes must not change), expected message)
 
 
@@ -216,26 +222,22 @@ def _(w, m, o):
 
 @case("batch: malformed JSONL line", "p.jsonl:2: not valid JSON")
 def _(w, m, o):
-    prompts = _jsonl(w, "p.jsonl", ['{"prompt": "a"}', "[1, 2", '{"prompt": "c"}'])
-    return ["batch", "-m", str(m), "--input", str(prompts), "--output", str(w / "out.jsonl")], w
+    return _batch(w, m, ['{"prompt": "a"}', "[1, 2", '{"prompt": "c"}'])
 
 
 @case("batch: missing prompt", 'p.jsonl:2: needs a "prompt"')
 def _(w, m, o):
-    prompts = _jsonl(w, "p.jsonl", ['{"prompt": "a"}', '{"id": 7}'])
-    return ["batch", "-m", str(m), "--input", str(prompts), "--output", str(w / "out.jsonl")], w
+    return _batch(w, m, ['{"prompt": "a"}', '{"id": 7}'])
 
 
 @case("batch: bad stop strings", "p.jsonl:2: stop must be")
 def _(w, m, o):
-    prompts = _jsonl(w, "p.jsonl", ['{"prompt": "a"}', '{"prompt": "b", "stop": 5}'])
-    return ["batch", "-m", str(m), "--input", str(prompts), "--output", str(w / "out.jsonl")], w
+    return _batch(w, m, ['{"prompt": "a"}', '{"prompt": "b", "stop": 5}'])
 
 
 @case("batch: bad repetition penalty", "p.jsonl:1: repetition_penalty must be")
 def _(w, m, o):
-    prompts = _jsonl(w, "p.jsonl", ['{"prompt": "a", "repetition_penalty": -1}'])
-    return ["batch", "-m", str(m), "--input", str(prompts), "--output", str(w / "out.jsonl")], w
+    return _batch(w, m, ['{"prompt": "a", "repetition_penalty": -1}'])
 
 
 @case("batch: no input file", "no such file")
@@ -245,15 +247,14 @@ def _(w, m, o):
 
 @case("batch: empty input", "holds no prompt")
 def _(w, m, o):
-    return ["batch", "-m", str(m), "--input", str(_jsonl(w, "p.jsonl", [])), "--output", str(w / "out.jsonl")], w
+    return _batch(w, m, [])
 
 
 @case("batch: output of another input", "not in")
 def _(w, m, o):
     _jsonl(w, "out.jsonl", ['{"id": "zzz", "text": "", "finish_reason": "stop", "prompt_tokens": 2, '
                             '"completion_tokens": 0}'])
-    prompts = _jsonl(w, "p.jsonl", ['{"prompt": "a"}'])
-    return ["batch", "-m", str(m), "--input", str(prompts), "--output", str(w / "out.jsonl")], w
+    return _batch(w, m, ['{"prompt": "a"}'])
 
 
 # The input as --output: its last line has no newline, the shape a killed run leaves, which a resume cuts off. The
@@ -275,14 +276,12 @@ def _(w, m, o):
 
 @case("batch: NaN temperature", "p.jsonl:2: temperature must be a finite number")
 def _(w, m, o):
-    prompts = _jsonl(w, "p.jsonl", ['{"prompt": "a"}', '{"prompt": "b", "temperature": NaN}'])
-    return ["batch", "-m", str(m), "--input", str(prompts), "--output", str(w / "out.jsonl")], w
+    return _batch(w, m, ['{"prompt": "a"}', '{"prompt": "b", "temperature": NaN}'])
 
 
 @case("batch: seed beyond 64 bits", "p.jsonl:1: seed must be below 2**64")
 def _(w, m, o):
-    prompts = _jsonl(w, "p.jsonl", ['{"prompt": "a", "temperature": 0.5, "seed": 100000000000000000000000}'])
-    return ["batch", "-m", str(m), "--input", str(prompts), "--output", str(w / "out.jsonl")], w
+    return _batch(w, m, ['{"prompt": "a", "temperature": 0.5, "seed": 100000000000000000000000}'])
 
 
 @pytest.mark.parametrize("name", list(CASES))
